@@ -1,0 +1,31 @@
+"""Loads the compiled extension dsmoe._C (which registers torch.ops.dsmoe.*), refusing in one
+line a build made against another torch instead of failing with an undefined symbol."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+_META = Path(__file__).with_name("_build_meta.json")
+
+
+def _load():
+    if _META.is_file():
+        built_with = json.loads(_META.read_text()).get("torch_version")
+        if built_with and built_with != torch.__version__:
+            raise ImportError(
+                f"dsmoe was built against torch {built_with} but torch {torch.__version__} is "
+                "installed; rebuild it: pip install --no-build-isolation -e ."
+            )
+    from . import _C
+
+    return _C
+
+
+_C = _load()
+
+
+def build_info() -> dict:
+    """Version, the torch version it was built against, CUDA on/off and the CUDA archs."""
+    return dict(_C.build_info())
