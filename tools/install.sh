@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs dsmoe from source with what it needs: the CPU torch wheel this kind of machine has on
+# disk (a CUDA torch already installed is kept), the Python dependencies, and the extension
+# built with ninja (CUDA kernels too when torch has CUDA and nvcc is found; DSMOE_CUDA=0|1 forces).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install -q "torch==2.13.0"
+fi
+"$PY" -m pip install -q numpy ninja pybind11 safetensors tokenizers tqdm matplotlib pytest expecttest setuptools wheel
+"$PY" -m pip install -q --no-build-isolation -e .
