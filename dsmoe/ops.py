@@ -83,23 +83,112 @@ def swiglu(gate_up: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------- fake kernels
-# They repeat the shape checks of csrc/op_checks.h (values are never read).
+# They repeat the checks of csrc/op_checks.h with the same messages (shapes, dtypes and devices;
+# values are never read), so a bad call fails the same way eagerly, on 'meta' tensors and while
+# torch.compile traces.
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_DTYPE_NAMES = {
+    torch.float32: "Float",
+    torch.bfloat16: "BFloat16",
+    torch.float16: "Half",
+    torch.float64: "Double",
+    torch.int32: "Int",
+    torch.int64: "Long",
+    torch.int16: "Short",
+    torch.int8: "Char",
+    torch.uint8: "Byte",
+    torch.bool: "Bool",
+}
+
+
+def _dtype_name(d: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(d, str(d))
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-@torch.library.register_fake("dsmoe::gate")
-def _gate_fake(logits, k, normalize=False, selection_bias=None, num_seqs=1):
-    torch._check(logits.dim() == 2, lambda: f"dsmoe.gate: logits must be 2-D, got {logits.dim()}-D")
-    torch._check(logits.dtype in _FLOATS, lambda: f"dsmoe.gate: logits must be floating, got {logits.dtype}")
+def _shape(t: Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _check_dim(op: str, name: str, t: Tensor, dim: int, shape: str) -> None:
+    torch._check(
+        t.dim() == dim, lambda: f"dsmoe.{op}: {name} must be {dim}-D {shape}, got shape {_shape(t)}"
+    )
+
+
+def _check_dtype(op: str, name: str, t: Tensor, allowed: tuple) -> None:
+    torch._check(
+        t.dtype in allowed,
+        lambda: f"dsmoe.{op}: {name} must have dtype {'|'.join(_dtype_name(d) for d in allowed)}, got {_dtype_name(t.dtype)}",
+    )
+
+
+def _check_float(op: str, name: str, t: Tensor) -> None:
+    _check_dtype(op, name, t, _FLOATS)
+
+
+def _check_same_dtype(op: str, name: str, t: Tensor, other_name: str, other: Tensor) -> None:
+    torch._check(
+        t.dtype == other.dtype,
+        lambda: f"dsmoe.{op}: {name} must have the dtype of {other_name} ({_dtype_name(other.dtype)}), got {_dtype_name(t.dtype)}",
+    )
+
+
+def _check_same_device(op: str, name: str, t: Tensor, other_name: str, other: Tensor) -> None:
+    torch._check(
+        t.device == other.device,
+        lambda: f"dsmoe.{op}: {name} is on {t.device} but {other_name} is on {other.device}; "
+        "all tensors must share a device",
+    )
+
+
+def _check_size(op: str, name: str, t: Tensor, dim: int, expected, what: str) -> None:
+    torch._check(
+        t.shape[dim] == expected,
+        lambda: f"dsmoe.{op}: {name}.size({dim}) must be {expected} ({what}), got {t.shape[dim]} "
+        f"(shape {_shape(t)})",
+    )
+
+
+def _check_offsets_meta(op: str, offsets: Tensor) -> None:
+    _check_dim(op, "expert_offsets", offsets, 1, "[num_experts + 1]")
+    _check_dtype(op, "expert_offsets", offsets, (torch.int32,))
+    torch._check(
+        offsets.shape[0] >= 2,
+        lambda: f"dsmoe.{op}: expert_offsets must hold num_experts + 1 >= 2 values, got {offsets.shape[0]}",
+    )
+
+
+def _check_row_map(op: str, row_map: Tensor, rows) -> None:
+    _check_dim(op, "row_map", row_map, 1, "[num_tokens * k]")
+    _check_dtype(op, "row_map", row_map, (torch.int32,))
+    _check_size(op, "row_map", row_map, 0, rows, "rows of the permuted tensor")
+
+
+def _check_gate_args(logits, k, selection_bias, num_seqs) -> None:
+    op = "gate"
+    _check_dim(op, "logits", logits, 2, "[num_tokens, num_experts]")
+    _check_float(op, "logits", logits)
     T, E = logits.shape
-    torch._check(1 <= k <= E, lambda: f"dsmoe.gate: k must be in [1, num_experts={E}], got {k}")
+    torch._check(E >= 1, lambda: f"dsmoe.gate: logits must have at least one expert column, got shape {_shape(logits)}")
+    torch._check(1 <= k and k <= E, lambda: f"dsmoe.gate: k must be in [1, num_experts={E}], got {k}")
     torch._check(num_seqs >= 1, lambda: f"dsmoe.gate: num_seqs must be >= 1, got {num_seqs}")
     torch._check(T % num_seqs == 0, lambda: f"dsmoe.gate: num_seqs={num_seqs} must divide num_tokens={T}")
+    if selection_bias is not None:
+        _check_dim(op, "selection_bias", selection_bias, 1, "[num_experts]")
+        _check_size(op, "selection_bias", selection_bias, 0, E, "num_experts")
+        _check_dtype(op, "selection_bias", selection_bias, (torch.float32, torch.float64))
+        _check_same_device(op, "selection_bias", selection_bias, "logits", logits)
+
+
+@torch.library.register_fake("dsmoe::gate")
+def _gate_fake(logits, k, normalize=False, selection_bias=None, num_seqs=1):
+    _check_gate_args(logits, k, selection_bias, num_seqs)
+    T, E = logits.shape
     acc = _acc_dtype(logits)
     return (
         logits.new_empty((T, k), dtype=acc),
@@ -111,18 +200,54 @@ def _gate_fake(logits, k, normalize=False, selection_bias=None, num_seqs=1):
 
 @torch.library.register_fake("dsmoe::gate_backward")
 def _gate_backward_fake(grad_weights, grad_score_sums, logits, expert_ids, normalize, num_seqs):
-    torch._check(logits.dim() == 2, lambda: "dsmoe.gate_backward: logits must be 2-D")
-    torch._check(expert_ids.shape[0] == logits.shape[0], lambda: "dsmoe.gate_backward: expert_ids rows must match logits")
+    op = "gate_backward"
+    _check_dim(op, "logits", logits, 2, "[num_tokens, num_experts]")
+    _check_float(op, "logits", logits)
+    T, E = logits.shape
+    torch._check(
+        num_seqs >= 1 and T % num_seqs == 0,
+        lambda: f"dsmoe.gate_backward: num_seqs={num_seqs} must be >= 1 and divide num_tokens={T}",
+    )
+    _check_dim(op, "expert_ids", expert_ids, 2, "[num_tokens, k]")
+    _check_dtype(op, "expert_ids", expert_ids, (torch.int32,))
+    _check_size(op, "expert_ids", expert_ids, 0, T, "num_tokens of logits")
+    k = expert_ids.shape[1]
+    torch._check(
+        1 <= k and k <= E, lambda: f"dsmoe.gate_backward: expert_ids.size(1)=k must be in [1, {E}], got {k}"
+    )
+    _check_dim(op, "grad_weights", grad_weights, 2, "[num_tokens, k]")
+    _check_size(op, "grad_weights", grad_weights, 0, T, "num_tokens")
+    _check_size(op, "grad_weights", grad_weights, 1, k, "k")
+    _check_float(op, "grad_weights", grad_weights)
+    _check_dim(op, "grad_score_sums", grad_score_sums, 2, "[num_seqs, num_experts]")
+    _check_size(op, "grad_score_sums", grad_score_sums, 0, num_seqs, "num_seqs")
+    _check_size(op, "grad_score_sums", grad_score_sums, 1, E, "num_experts")
+    _check_float(op, "grad_score_sums", grad_score_sums)
+    _check_same_device(op, "grad_weights", grad_weights, "logits", logits)
+    _check_same_device(op, "grad_score_sums", grad_score_sums, "logits", logits)
+    _check_same_device(op, "expert_ids", expert_ids, "logits", logits)
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("dsmoe::permute")
 def _permute_fake(x, expert_ids, num_experts):
-    torch._check(x.dim() == 2, lambda: f"dsmoe.permute: x must be 2-D, got {x.dim()}-D")
-    torch._check(expert_ids.dim() == 2, lambda: f"dsmoe.permute: expert_ids must be 2-D, got {expert_ids.dim()}-D")
-    torch._check(expert_ids.dtype == torch.int32, lambda: f"dsmoe.permute: expert_ids must be int32, got {expert_ids.dtype}")
-    torch._check(expert_ids.shape[0] == x.shape[0], lambda: "dsmoe.permute: expert_ids.size(0) must equal x.size(0)")
+    op = "permute"
+    _check_dim(op, "x", x, 2, "[num_tokens, hidden]")
+    _check_float(op, "x", x)
+    _check_dim(op, "expert_ids", expert_ids, 2, "[num_tokens, k]")
+    _check_dtype(op, "expert_ids", expert_ids, (torch.int32,))
+    _check_size(op, "expert_ids", expert_ids, 0, x.shape[0], "num_tokens of x")
+    torch._check(
+        expert_ids.shape[1] >= 1,
+        lambda: f"dsmoe.permute: expert_ids must have k >= 1 columns, got {_shape(expert_ids)}",
+    )
+    torch._check(
+        num_experts >= 1 and num_experts < (1 << 30),
+        lambda: f"dsmoe.permute: num_experts must be >= 1, got {num_experts}",
+    )
     M = x.shape[0] * expert_ids.shape[1]
+    torch._check(M < (1 << 31), lambda: f"dsmoe.permute: num_tokens * k must fit int32 row indices, got {M}")
+    _check_same_device(op, "expert_ids", expert_ids, "x", x)
     return (
         x.new_empty((M, x.shape[1])),
         x.new_empty((M,), dtype=torch.int32),
@@ -132,61 +257,110 @@ def _permute_fake(x, expert_ids, num_experts):
 
 @torch.library.register_fake("dsmoe::permute_backward")
 def _permute_backward_fake(grad_x_perm, row_map, k):
-    torch._check(grad_x_perm.dim() == 2, lambda: "dsmoe.permute_backward: grad_x_perm must be 2-D")
-    torch._check(grad_x_perm.shape[0] % k == 0, lambda: "dsmoe.permute_backward: rows must be a multiple of k")
+    op = "permute_backward"
+    _check_dim(op, "grad_x_perm", grad_x_perm, 2, "[num_tokens * k, hidden]")
+    _check_float(op, "grad_x_perm", grad_x_perm)
+    torch._check(k >= 1, lambda: f"dsmoe.permute_backward: k must be >= 1, got {k}")
+    torch._check(
+        grad_x_perm.shape[0] % k == 0,
+        lambda: f"dsmoe.permute_backward: grad_x_perm.size(0)={grad_x_perm.shape[0]} must be a multiple of k={k}",
+    )
+    _check_row_map(op, row_map, grad_x_perm.shape[0])
+    _check_same_device(op, "row_map", row_map, "grad_x_perm", grad_x_perm)
     return grad_x_perm.new_empty((grad_x_perm.shape[0] // k, grad_x_perm.shape[1]))
+
+
+def _check_unpermute_args(op, y_perm, row_map, weights) -> None:
+    _check_dim(op, "y_perm", y_perm, 2, "[num_tokens * k, hidden]")
+    _check_float(op, "y_perm", y_perm)
+    _check_dim(op, "weights", weights, 2, "[num_tokens, k]")
+    _check_float(op, "weights", weights)
+    torch._check(
+        weights.shape[1] >= 1, lambda: f"dsmoe.{op}: weights must have k >= 1 columns, got {_shape(weights)}"
+    )
+    _check_size(op, "y_perm", y_perm, 0, weights.shape[0] * weights.shape[1], "num_tokens * k of weights")
+    _check_row_map(op, row_map, y_perm.shape[0])
+    _check_same_device(op, "row_map", row_map, "y_perm", y_perm)
+    _check_same_device(op, "weights", weights, "y_perm", y_perm)
 
 
 @torch.library.register_fake("dsmoe::unpermute")
 def _unpermute_fake(y_perm, row_map, weights):
-    torch._check(y_perm.dim() == 2 and weights.dim() == 2, lambda: "dsmoe.unpermute: y_perm and weights must be 2-D")
-    torch._check(
-        y_perm.shape[0] == weights.shape[0] * weights.shape[1],
-        lambda: "dsmoe.unpermute: y_perm.size(0) must equal num_tokens * k of weights",
-    )
+    _check_unpermute_args("unpermute", y_perm, row_map, weights)
     return y_perm.new_empty((weights.shape[0], y_perm.shape[1]))
 
 
 @torch.library.register_fake("dsmoe::unpermute_backward")
 def _unpermute_backward_fake(grad_y, y_perm, row_map, weights):
-    return torch.empty_like(y_perm, memory_format=torch.contiguous_format), torch.empty_like(
-        weights, memory_format=torch.contiguous_format
+    op = "unpermute_backward"
+    _check_unpermute_args(op, y_perm, row_map, weights)
+    _check_dim(op, "grad_y", grad_y, 2, "[num_tokens, hidden]")
+    _check_float(op, "grad_y", grad_y)
+    _check_size(op, "grad_y", grad_y, 0, weights.shape[0], "num_tokens")
+    _check_size(op, "grad_y", grad_y, 1, y_perm.shape[1], "hidden")
+    _check_same_device(op, "grad_y", grad_y, "y_perm", y_perm)
+    return (
+        torch.empty_like(y_perm, memory_format=torch.contiguous_format),
+        torch.empty_like(weights, memory_format=torch.contiguous_format),
     )
 
 
 @torch.library.register_fake("dsmoe::grouped_gemm")
 def _grouped_gemm_fake(a, b, expert_offsets, trans_b=False):
-    torch._check(a.dim() == 2, lambda: f"dsmoe.grouped_gemm: a must be 2-D, got {a.dim()}-D")
-    torch._check(b.dim() == 3, lambda: f"dsmoe.grouped_gemm: b must be 3-D, got {b.dim()}-D")
-    torch._check(b.dtype == a.dtype, lambda: f"dsmoe.grouped_gemm: b must have the dtype of a ({a.dtype}), got {b.dtype}")
-    torch._check(
-        b.shape[0] == expert_offsets.shape[0] - 1,
-        lambda: "dsmoe.grouped_gemm: b.size(0) must equal expert_offsets.size(0) - 1",
-    )
-    K = b.shape[2] if trans_b else b.shape[1]
-    torch._check(K == a.shape[1], lambda: f"dsmoe.grouped_gemm: b's K must equal a.size(1)={a.shape[1]}")
+    op = "grouped_gemm"
+    _check_dim(op, "a", a, 2, "[rows, K]")
+    _check_float(op, "a", a)
+    _check_dim(op, "b", b, 3, "[num_experts, N, K]" if trans_b else "[num_experts, K, N]")
+    _check_same_dtype(op, "b", b, "a", a)
+    _check_offsets_meta(op, expert_offsets)
+    _check_size(op, "b", b, 0, expert_offsets.shape[0] - 1, "num_experts = expert_offsets.size(0) - 1")
+    _check_size(op, "b", b, 2 if trans_b else 1, a.shape[1], "K = a.size(1)")
+    _check_same_device(op, "b", b, "a", a)
+    _check_same_device(op, "expert_offsets", expert_offsets, "a", a)
     N = b.shape[1] if trans_b else b.shape[2]
     return a.new_empty((a.shape[0], N))
 
 
 @torch.library.register_fake("dsmoe::grouped_gemm_wgrad")
 def _grouped_gemm_wgrad_fake(a, grad_c, expert_offsets, trans_b=False):
-    torch._check(a.dim() == 2 and grad_c.dim() == 2, lambda: "dsmoe.grouped_gemm_wgrad: a and grad_c must be 2-D")
-    torch._check(grad_c.shape[0] == a.shape[0], lambda: "dsmoe.grouped_gemm_wgrad: grad_c rows must equal a rows")
+    op = "grouped_gemm_wgrad"
+    _check_dim(op, "a", a, 2, "[rows, K]")
+    _check_float(op, "a", a)
+    _check_dim(op, "grad_c", grad_c, 2, "[rows, N]")
+    _check_same_dtype(op, "grad_c", grad_c, "a", a)
+    _check_size(op, "grad_c", grad_c, 0, a.shape[0], "rows of a")
+    _check_offsets_meta(op, expert_offsets)
+    _check_same_device(op, "grad_c", grad_c, "a", a)
+    _check_same_device(op, "expert_offsets", expert_offsets, "a", a)
     E = expert_offsets.shape[0] - 1
     K, N = a.shape[1], grad_c.shape[1]
     return a.new_empty((E, N, K) if trans_b else (E, K, N))
 
 
+def _check_swiglu_args(op, gate_up) -> None:
+    _check_dim(op, "gate_up", gate_up, 2, "[rows, 2 * intermediate]")
+    _check_float(op, "gate_up", gate_up)
+    torch._check(
+        gate_up.shape[1] % 2 == 0,
+        lambda: f"dsmoe.{op}: gate_up.size(1) must be even (gate and up halves), got {gate_up.shape[1]}",
+    )
+
+
 @torch.library.register_fake("dsmoe::swiglu")
 def _swiglu_fake(gate_up):
-    torch._check(gate_up.dim() == 2, lambda: f"dsmoe.swiglu: gate_up must be 2-D, got {gate_up.dim()}-D")
-    torch._check(gate_up.shape[1] % 2 == 0, lambda: "dsmoe.swiglu: gate_up.size(1) must be even")
+    _check_swiglu_args("swiglu", gate_up)
     return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
 
 
 @torch.library.register_fake("dsmoe::swiglu_backward")
 def _swiglu_backward_fake(grad_out, gate_up):
+    op = "swiglu_backward"
+    _check_swiglu_args(op, gate_up)
+    _check_dim(op, "grad_out", grad_out, 2, "[rows, intermediate]")
+    _check_float(op, "grad_out", grad_out)
+    _check_size(op, "grad_out", grad_out, 0, gate_up.shape[0], "rows of gate_up")
+    _check_size(op, "grad_out", grad_out, 1, gate_up.shape[1] // 2, "gate_up.size(1) / 2")
+    _check_same_device(op, "grad_out", grad_out, "gate_up", gate_up)
     return torch.empty_like(gate_up, memory_format=torch.contiguous_format)
 
 
