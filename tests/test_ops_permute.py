@@ -248,6 +248,9 @@ def test_unpermute_bad_values():
         torch.ops.dsmoe.permute_backward(torch.randn(T * k, h), row_map, k)
     with pytest.raises(RuntimeError, match=r"row_map\[5\]=8 is outside"):
         torch.ops.dsmoe.unpermute_backward(torch.randn(T, h), torch.randn(T * k, h), row_map, torch.rand(T, k))
+    row_map[5] = 2  # in range, but row 2 twice: unpermute_backward would write it twice
+    with pytest.raises(RuntimeError, match=r"row_map must be a permutation, but row 2 appears twice \(again at row_map\[5\]\)"):
+        torch.ops.dsmoe.unpermute_backward(torch.randn(T, h), torch.randn(T * k, h), row_map, torch.rand(T, k))
 
 
 def test_unpermute_device_mismatch(device):

@@ -5,8 +5,11 @@
 // copied in parallel. Every destination row is written exactly once: deterministic, no atomics.
 // unpermute and permute_backward are the same weighted gather (weights = 1 for the latter):
 // out[t] = sum_j w[t,j] * src[row_map[t*k+j]], accumulated in fp32 (fp64 for fp64) in slot order.
+// The row loops of fp32/bf16/fp16 are the at::vec kernels of vec_kernels.h; fp64 runs the scalar
+// loops here.
 #include "../check.h"
 #include "../op_checks.h"
+#include "vec_kernels.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -22,12 +25,18 @@ namespace {
 
 constexpr int64_t kRowGrain = 16;
 
+// row_map must be a permutation of [0, M): the gathers read each row once, and
+// unpermute_backward writes each row of grad_y_perm exactly once (a repeated row would be a race).
 void check_row_map_values(const char* op, const at::Tensor& row_map) {
   const int32_t* r = row_map.data_ptr<int32_t>();
   const int64_t M = row_map.numel();
+  std::vector<char> seen(static_cast<size_t>(M), 0);
   for (int64_t f = 0; f < M; ++f) {
     TORCH_CHECK(r[f] >= 0 && r[f] < M, "dsmoe.", op, ": row_map[", f, "]=", r[f],
                 " is outside [0, ", M, ")");
+    TORCH_CHECK(!seen[r[f]], "dsmoe.", op, ": row_map must be a permutation, but row ", r[f],
+                " appears twice (again at row_map[", f, "])");
+    seen[r[f]] = 1;
   }
 }
 
@@ -36,6 +45,13 @@ template <typename scalar_t>
 void gather_sum_rows(const scalar_t* src, const int32_t* row_map, const at::opmath_type<scalar_t>* w,
                      int64_t T, int64_t k, int64_t h, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (cpu::has_vec_kernels<scalar_t>) {
+    const auto kernel = cpu::vec_kernels<scalar_t>().gather_sum;
+    at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
+      kernel(src, row_map, w, begin, end, k, h, out);
+    });
+    return;
+  }
   at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(static_cast<size_t>(h));
     for (int64_t t = begin; t < end; ++t) {
@@ -149,6 +165,13 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad
       const acc_t* w = weights.data_ptr<acc_t>();
       scalar_t* gyp = grad_y_perm.data_ptr<scalar_t>();
       acc_t* gw = grad_weights.data_ptr<acc_t>();
+      if constexpr (cpu::has_vec_kernels<scalar_t>) {
+        const auto kernel = cpu::vec_kernels<scalar_t>().unpermute_backward;
+        at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
+          kernel(gy, yp, map, w, begin, end, k, h, gyp, gw);
+        });
+        return;
+      }
       at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) {
           const scalar_t* g = gy + t * h;
