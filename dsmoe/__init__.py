@@ -1,7 +1,56 @@
 """dsmoe: fast fine-grained Mixture-of-Experts operators and the DeepSeekMoE model."""
 from ._ext import build_info
 from . import ops
+from .config import (
+    DeepSeekMoEConfig,
+    count_parameters,
+    deepseek_moe_2b,
+    deepseek_moe_16b,
+    deepseek_moe_145b,
+    get_preset,
+    preset_names,
+)
+from .generation import KVCache
+from .layers import (
+    DeepSeekMoEBlock,
+    DeepSeekMoELayer,
+    Expert,
+    ExpertGroup,
+    NoisyTopKRouter,
+    RoutedExperts,
+    SharedExpert,
+    TopKRouter,
+)
+from .losses import DeviceBalanceLoss, LoadBalanceLoss
+from .model import CausalLMOutput, DeepSeekMoEBackbone, DeepSeekMoEForCausalLM, DeepSeekMoEModel
 
 __version__ = build_info()["version"]
 
-__all__ = ["build_info", "ops", "__version__"]
+__all__ = [
+    "build_info",
+    "ops",
+    "__version__",
+    # model package
+    "DeepSeekMoEConfig",
+    "count_parameters",
+    "get_preset",
+    "preset_names",
+    "deepseek_moe_2b",
+    "deepseek_moe_16b",
+    "deepseek_moe_145b",
+    "DeepSeekMoEForCausalLM",
+    "DeepSeekMoEModel",
+    "DeepSeekMoEBackbone",
+    "CausalLMOutput",
+    "KVCache",
+    "DeepSeekMoEBlock",
+    "DeepSeekMoELayer",
+    "RoutedExperts",
+    "Expert",
+    "SharedExpert",
+    "ExpertGroup",
+    "TopKRouter",
+    "NoisyTopKRouter",
+    "LoadBalanceLoss",
+    "DeviceBalanceLoss",
+]
