@@ -1,0 +1,100 @@
+"""`dsmoe generate`: loads a checkpoint of the Hugging Face deepseek-moe layout (one `dsmoe
+train` wrote, or a released one with its tokenizer.json) and streams a continuation."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TextIO
+
+import torch
+
+from .common import CLIError, pick_device
+from .data import load_tokenizer
+from .models import load_model
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (config.json + safetensors)")
+    p.add_argument("--prompt", default=None, help="text to continue (default: the tokenizer's start token, or a newline)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens, 0 = all (default 40)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of this probability")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: the GPU if there is one)")
+    p.add_argument("--bf16", action="store_true", help="run the model in bfloat16")
+    p.add_argument("--impl", choices=("dsmoe", "reference"), default="dsmoe", help="MoE layer execution")
+    p.add_argument("--no-stop", action="store_true", help="keep going past the end-of-text token")
+
+
+def stream(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
+           top_p: float | None, seed: int, out: TextIO | None = None, stop_at_eos: bool = True) -> list[int]:
+    """Generates with the model's KV-cached generate(), writing text to ``out`` as tokens come;
+    returns the new token ids."""
+    out = out if out is not None else sys.stdout
+    ids = tokenizer.encode(prompt)
+    # byte-level models saw <|eos|> before each document; other tokenizers start with <|bos|>
+    start = tokenizer.eos_id if tokenizer.byte_level else (tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id)
+    if not tokenizer.byte_level and tokenizer.bos_id is not None:
+        ids = [tokenizer.bos_id] + ids
+    if not ids:
+        if start is None:
+            raise CLIError("--prompt is empty and the tokenizer has no start token; give a prompt")
+        ids = [start]
+    vocab = model.config.vocab_size
+    if max(ids) >= vocab:
+        raise CLIError(f"the prompt has token id {max(ids)}, beyond the model's vocab_size {vocab}")
+    limit = model.config.max_position_embeddings
+    if len(ids) + max_new_tokens > limit:
+        raise CLIError(
+            f"prompt ({len(ids)} tokens) + --max-new-tokens {max_new_tokens} exceeds the model's "
+            f"max_position_embeddings {limit}"
+        )
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    decoder = tokenizer.stream_decoder(prefix=ids)
+    new_ids: list[int] = []
+    out.write(prompt)
+    out.flush()
+
+    def on_token(tokens: torch.Tensor) -> None:
+        t = int(tokens[0])
+        new_ids.append(t)
+        text = decoder.push(t)
+        if text:
+            out.write(text)
+            out.flush()
+
+    eos = model.config.eos_token_id if stop_at_eos else None
+    if eos is None and stop_at_eos:
+        eos = tokenizer.eos_id
+    kwargs = dict(temperature=temperature, top_k=top_k or None, top_p=top_p)
+    if temperature == 0:
+        kwargs = dict(do_sample=False)
+    model.generate(input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos, generator=g, streamer=on_token, **kwargs)
+    tail = decoder.flush()
+    out.write(tail + "\n")
+    out.flush()
+    return new_ids
+
+
+def run(ns: argparse.Namespace) -> int:
+    if ns.max_new_tokens < 0:
+        raise CLIError(f"--max-new-tokens must be >= 0, got {ns.max_new_tokens}")
+    if ns.temperature < 0:
+        raise CLIError(f"--temperature must be >= 0, got {ns.temperature}")
+    if ns.top_k is not None and ns.top_k < 0:
+        raise CLIError(f"--top-k must be >= 0, got {ns.top_k}")
+    if ns.top_p is not None and not 0 < ns.top_p <= 1:
+        raise CLIError(f"--top-p must be in (0, 1], got {ns.top_p}")
+    device = pick_device(ns.device)
+    model = load_model(ns.model, device, dtype=torch.bfloat16 if ns.bf16 else None, impl=ns.impl)
+    cfg = model.config
+    tokenizer = load_tokenizer(ns.model, cfg.vocab_size, bos_id=cfg.bos_token_id, eos_id=cfg.eos_token_id)
+    prompt = ns.prompt
+    if prompt is None:
+        prompt = "" if (tokenizer.bos_id is not None or tokenizer.eos_id is not None) else "\n"
+    stream(model, tokenizer, prompt, ns.max_new_tokens, ns.temperature, ns.top_k, ns.top_p, ns.seed,
+           stop_at_eos=not ns.no_stop)
+    return 0

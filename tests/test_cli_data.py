@@ -1,0 +1,189 @@
+"""The command line's data and helper pieces: tokenisers, corpora, batches, the learning-rate
+schedule, optimizer-state files, the compared architectures."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsmoe.cli import checkpoint as ckpt
+from dsmoe.cli.common import CLIError, MetricsLog, check_run_dir, format_table
+from dsmoe.cli.data import (
+    BYTE_VOCAB_SIZE,
+    EOS_ID,
+    ByteTokenizer,
+    HFTokenizer,
+    eval_batches,
+    iter_documents,
+    load_token_data,
+    load_tokenizer,
+    split_documents,
+    train_batch,
+)
+from dsmoe.cli.models import compare_configs, make_config, parameter_counts
+from dsmoe.cli.train import lr_at
+
+TEXT = "def f(x):\n    return 'héllo €' + x  # ünïcödé 🙂\n"
+
+
+def test_byte_tokenizer_round_trip_and_tokenizer_json(tmp_path):
+    tok = ByteTokenizer()
+    ids = tok.encode(TEXT)
+    assert ids == list(TEXT.encode("utf-8"))
+    assert tok.decode(ids) == TEXT
+    tok.save(tmp_path)
+    hf = HFTokenizer(tmp_path / "tokenizer.json")
+    # the saved tokenizer.json (read by the tokenizers package) is the same tokenisation
+    assert hf.encode(TEXT) == ids
+    assert hf.decode(ids) == TEXT
+    assert hf.vocab_size == BYTE_VOCAB_SIZE
+    assert hf.tok.token_to_id("<|eos|>") == EOS_ID
+    # a checkpoint folder with that file gets the fast byte tokenizer back
+    assert isinstance(load_tokenizer(tmp_path, BYTE_VOCAB_SIZE), ByteTokenizer)
+
+
+def test_stream_decoders_hold_back_partial_characters(tmp_path):
+    ids = ByteTokenizer().encode(TEXT)
+    for tok in (ByteTokenizer(), None):
+        if tok is None:
+            ByteTokenizer().save(tmp_path)
+            tok = HFTokenizer(tmp_path / "tokenizer.json")
+        dec = tok.stream_decoder()
+        pieces = [dec.push(i) for i in ids] + [dec.flush()]
+        assert "".join(pieces) == TEXT
+        assert all("\ufffd" not in p for p in pieces)
+
+
+def test_foreign_tokenizer_json_is_used_as_is(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2, "<s>": 3}
+    t = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path, vocab_size=8, bos_id=3, eos_id=None)
+    assert isinstance(tok, HFTokenizer)
+    assert tok.encode("hello world") == [1, 2]
+    with pytest.raises(CLIError, match="vocab_size"):
+        load_tokenizer(tmp_path, vocab_size=3)
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(CLIError, match="no tokenizer.json"):
+        load_tokenizer(tmp_path, vocab_size=32000)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CLIError, match="cannot read tokenizer"):
+        load_tokenizer(tmp_path, vocab_size=32000)
+
+
+def test_default_corpus_is_the_stdlib_and_split_is_deterministic():
+    desc, docs = iter_documents(None)
+    assert "stdlib" in desc and len(docs) > 100
+    names = [d.name for d in docs]
+    assert names == sorted(names) and all(n.endswith(".py") for n in names)
+    assert not any("site-packages" in n for n in names)
+    train, val = split_documents(docs)
+    assert len(val) > 0 and len(train) > 10 * len(val)
+    train2, val2 = split_documents(iter_documents(None)[1])
+    assert [len(v) for v in val] == [len(v) for v in val2]
+
+
+def test_folder_and_file_data(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha " * 50)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text("beta " * 50)
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x01binary")
+    (tmp_path / ".hidden").write_text("never")
+    desc, docs = iter_documents(str(tmp_path))
+    assert [d.name for d in docs] == ["a.txt", "sub/b.md"]
+    data = load_token_data(str(tmp_path), ByteTokenizer())
+    # few documents: the last 5 % of each is validation; each document ends with <|eos|>
+    assert len(data.train) + len(data.val) == 300 + 250 + 4
+    assert int((data.train == EOS_ID).sum()) == 2 and int((data.val == EOS_ID).sum()) == 2
+    one = load_token_data(str(tmp_path / "a.txt"), ByteTokenizer())
+    assert one.num_docs == 1
+    for bad in (tmp_path / "missing", tmp_path / "blob.bin"):
+        with pytest.raises(CLIError, match="--data"):
+            load_token_data(str(bad), ByteTokenizer())
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    tokens = torch.arange(1000, dtype=torch.int16) % 256
+    x1, y1 = train_batch(tokens, step=3, seed=1, batch_size=4, seq_len=16)
+    x2, y2 = train_batch(tokens, step=3, seed=1, batch_size=4, seq_len=16)
+    x3, _ = train_batch(tokens, step=4, seed=1, batch_size=4, seq_len=16)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and not torch.equal(x1, x3)
+    assert x1.dtype == torch.int64 and x1.shape == (4, 16)
+    assert torch.equal(x1[:, 1:], y1[:, :-1])  # targets are the next tokens
+    ev = list(eval_batches(tokens, 2, 16, 3))
+    assert len(ev) == 3 and all(torch.equal(a[0], b[0]) for a, b in zip(ev, eval_batches(tokens, 2, 16, 3)))
+    with pytest.raises(CLIError, match="seq-len"):
+        train_batch(tokens[:10], 0, 0, 2, 16)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    a = dict(lr=1e-3, warmup=10, min_lr=1e-4, steps=110)
+    lrs = [lr_at(s, a) for s in range(110)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(x < y for x, y in zip(lrs[:10], lrs[1:10]))
+    assert all(x >= y for x, y in zip(lrs[10:], lrs[11:]))
+    assert lrs[10] == pytest.approx(1e-3) and lr_at(110, a) == pytest.approx(1e-4)
+    assert lr_at(60, a) == pytest.approx(5.5e-4)  # half way through the cosine
+
+
+def test_optimizer_state_round_trips_through_safetensors_files(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    p = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(4))]
+    opt = torch.optim.AdamW([{"params": [p[0]], "weight_decay": 0.1}, {"params": [p[1]], "weight_decay": 0.0}],
+                            lr=1e-2, betas=(0.9, 0.95))
+    for _ in range(3):
+        (p[0].sum() ** 2 + p[1].pow(3).sum()).backward()
+        opt.step()
+        opt.zero_grad()
+    tensors, meta = ckpt.optimizer_to_files(opt)
+    save_file(tensors, str(tmp_path / "o.safetensors"))
+    import json
+
+    meta = json.loads(json.dumps(meta))  # what trainer_state.json holds
+    restored = ckpt.optimizer_from_files(load_file(str(tmp_path / "o.safetensors")), meta)
+    q = [torch.nn.Parameter(t.detach().clone()) for t in p]
+    opt2 = torch.optim.AdamW([{"params": [q[0]]}, {"params": [q[1]]}], lr=0.0)
+    opt2.load_state_dict(restored)
+    for a, b in ((opt, p), (opt2, q)):
+        (b[0].sum() ** 2 + b[1].pow(3).sum()).backward()
+        a.step()
+    assert all(torch.equal(x, y) for x, y in zip(p, q))
+
+
+def test_compare_variants_match_flops_and_params():
+    cfgs = compare_configs()
+    counts = {n: parameter_counts(make_config(f"compare-{n}")) for n in cfgs}
+    dense, gshard, ds = counts["dense"], counts["gshard"], counts["deepseekmoe"]
+    # activated: equal up to the routers (E x hidden per layer)
+    h, L = 128, 4
+    assert gshard[1] - dense[1] == 8 * h * L
+    assert ds[1] - dense[1] == 31 * h * L
+    # total: the two MoEs differ only by their routers
+    assert ds[0] - gshard[0] == (31 - 8) * h * L
+    assert cfgs["deepseekmoe"]["num_experts_per_tok"] == 7 and cfgs["deepseekmoe"]["n_shared_experts"] == 1
+    with pytest.raises(CLIError, match="granularity"):
+        compare_configs(ffn=30, granularity=4)
+
+
+def test_metrics_log_truncates_on_resume(tmp_path):
+    log = MetricsLog(tmp_path)
+    for s in range(1, 6):
+        log.add(step=s, split="train", loss=1.0 / s)
+    again = MetricsLog(tmp_path, keep_until=3)
+    assert [r["step"] for r in again.rows] == [1, 2, 3]
+    assert (tmp_path / "log.csv").read_text().count("\n") == 4
+
+
+def test_run_dir_and_table_helpers(tmp_path):
+    check_run_dir(tmp_path / "new", overwrite=False)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep")
+    with pytest.raises(CLIError, match="already exists"):
+        check_run_dir(tmp_path / "full", overwrite=False)
+    check_run_dir(tmp_path / "full", overwrite=True)
+    assert (tmp_path / "full" / "x").read_text() == "keep"
+    table = format_table(["a", "b"], [["x", 1.5], ["yy", float("nan")]])
+    assert table.splitlines()[2].startswith("x ") and table.splitlines()[3].endswith("-")
