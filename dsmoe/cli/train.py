@@ -341,7 +341,9 @@ def run(ns: argparse.Namespace) -> int:
     dist = dist_cli.join(ns, device=ns.device)  # None unless started by torchrun
     try:
         with dist_cli.quiet_unless_main(dist):
-            return _run(ns, dist)
+            code = _run(ns, dist)
+        # stopped by the --nproc launcher: saved; the launcher itself reports the interrupt (130)
+        return 0 if code == 130 and dist is not None and dist_cli.stop_requested() else code
     finally:
         if dist is not None:
             dist.close()
@@ -452,7 +454,7 @@ def _run(ns: argparse.Namespace, dist=None) -> int:
                 say(f"step {trainer.step:>5}/{steps} | val loss {val:.4f}")
             if save_every and trainer.step % save_every == 0 and trainer.step < steps:
                 say(f"checkpoint: {trainer.save()}")
-            if dist.any(stop.requested) if dist is not None else stop.requested:
+            if dist.should_stop(stop.requested) if dist is not None else stop.requested:
                 interrupted = True
                 break
     if bar is not None:
