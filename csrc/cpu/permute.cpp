@@ -165,8 +165,8 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad
       const acc_t* w = weights.data_ptr<acc_t>();
       scalar_t* gyp = grad_y_perm.data_ptr<scalar_t>();
       acc_t* gw = grad_weights.data_ptr<acc_t>();
-      if constexpr (cpu::has_vec_kernels<scalar_t>) {
-        const auto kernel = cpu::vec_kernels<scalar_t>().unpermute_backward;
+      if (const auto* vec = cpu::vec_kernels_or_null<scalar_t>()) {
+        const auto kernel = vec->unpermute_backward;
         at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
           kernel(gy, yp, map, w, begin, end, k, h, gyp, gw);
         });

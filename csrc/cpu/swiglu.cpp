@@ -1,8 +1,11 @@
 // CPU SwiGLU: out = silu(gate) * up on rows of gate_up [M, 2I] (gate half first), math in fp32
 // (fp64 for fp64), parallel over rows. The backward recomputes silu instead of storing it.
+// fp32/bf16/fp16 run the at::vec kernels of vec_kernels.h (AVX512/AVX2 where the CPU has them);
+// fp64 runs the scalar loops below.
 #include "../check.h"
 #include "../index_math.h"
 #include "../op_checks.h"
+#include "vec_kernels.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -25,6 +28,13 @@ at::Tensor swiglu_cpu(const at::Tensor& gate_up_in) {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* in = gate_up.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
+    if (const auto* vec = cpu::vec_kernels_or_null<scalar_t>()) {
+      const auto kernel = vec->swiglu;
+      at::parallel_for(0, M, row_grain, [&](int64_t begin, int64_t end) {
+        kernel(in + begin * 2 * I, o + begin * I, end - begin, I);
+      });
+      return;
+    }
     at::parallel_for(0, M, row_grain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* g = in + r * 2 * I;
@@ -53,6 +63,13 @@ at::Tensor swiglu_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
     const scalar_t* in = gate_up.data_ptr<scalar_t>();
     const scalar_t* go = grad_out.data_ptr<scalar_t>();
     scalar_t* gr = grad.data_ptr<scalar_t>();
+    if (const auto* vec = cpu::vec_kernels_or_null<scalar_t>()) {
+      const auto kernel = vec->swiglu_backward;
+      at::parallel_for(0, M, row_grain, [&](int64_t begin, int64_t end) {
+        kernel(go + begin * I, in + begin * 2 * I, gr + begin * 2 * I, end - begin, I);
+      });
+      return;
+    }
     at::parallel_for(0, M, row_grain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* g = in + r * 2 * I;

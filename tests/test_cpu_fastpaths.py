@@ -1,0 +1,169 @@
+"""The CPU fast paths (docs/cpu_performance.md) give the reference's answers on every path they
+take: each ISA build of the vectorised kernels, every way the grouped GEMM splits rows over
+threads (parts of a group on two threads, the few-row kernel, one hot expert), and the layer that
+benchmarks/bench_cpu_moe.py times. Speed is never asserted here."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsmoe import ops, reference
+from conftest import assert_close, offsets_from_counts
+
+ROOT = Path(__file__).resolve().parents[1]
+VEC_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# Group sizes that exercise the thread split: a hot expert spanning every thread's share, groups of
+# 1..2 rows (the few-row kernel) and a few more next to larger ones, empty groups, and K/N that are not multiples
+# of any vector width (16 fp32 lanes, 32 bf16 lanes) and span several vector chunks.
+SPLIT_CASES = [
+    ([300, 1, 0, 2], 70, 45),
+    ([1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 17], 129, 33),
+    ([0, 0, 64, 0], 48, 96),
+    ([8] * 9, 37, 130),
+]
+
+
+@pytest.fixture(params=[1, 2, 3], ids=lambda n: f"threads{n}")
+def threads(request):
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: f"E{len(c[0])}M{sum(c[0])}K{c[1]}N{c[2]}")
+@pytest.mark.parametrize("dtype", VEC_DTYPES, ids=str)
+@pytest.mark.parametrize("trans_b", [True, False])
+def test_grouped_gemm_thread_split(threads, case, dtype, trans_b):
+    counts, K, N = case
+    E, M = len(counts), sum(counts)
+    a = torch.randn(M, K, dtype=dtype)
+    b = torch.randn(E, N, K, dtype=dtype) if trans_b else torch.randn(E, K, N, dtype=dtype)
+    b = b / K**0.5
+    off = offsets_from_counts(counts, "cpu")
+    assert_close(ops.grouped_gemm(a, b, off, trans_b), reference.grouped_gemm(a, b, off, trans_b), dtype)
+    g = torch.randn(M, N, dtype=dtype)
+    got = ops.grouped_gemm_wgrad(a, g, off, trans_b)
+    assert_close(got, reference.grouped_gemm_wgrad(a, g, off, trans_b), dtype, scale=M**0.5)
+    for e, n in enumerate(counts):
+        if n == 0:
+            assert torch.count_nonzero(got[e]) == 0, f"empty expert {e} must get a zero gradient"
+
+
+def test_grouped_gemm_wgrad_is_a_normal_tensor():
+    # The weight gradient comes from dsmoe's own allocator (huge pages, blocks reused between
+    # steps): it must behave like any CPU tensor.
+    a, g = torch.randn(40, 8), torch.randn(40, 600)
+    off = offsets_from_counts([10, 0, 30], "cpu")
+    w = ops.grouped_gemm_wgrad(a, g, off, True)
+    assert w.shape == (3, 600, 8) and w.is_contiguous() and w.device.type == "cpu"
+    before = w.clone()
+    w.add_(1.0)
+    assert_close(w - 1.0, before, torch.float32)
+    w.resize_(3, 600, 16)  # needs the storage's allocator
+    assert w.numel() == 3 * 600 * 16
+    assert_close(before, reference.grouped_gemm_wgrad(a, g, off, True), torch.float32, scale=10)
+
+
+def test_grouped_gemm_wgrad_reused_memory_is_overwritten():
+    # A freed gradient's block is handed to the next gradient of the same size: the new one must
+    # not show the old values, in particular in the experts that got no row (zeros).
+    N = 1024
+    for K in (64, 256):  # 768 KiB (aligned malloc) and 3 MiB (huge pages)
+        a, g = torch.randn(60, K), torch.randn(60, N)
+        full = ops.grouped_gemm_wgrad(a, g, offsets_from_counts([20, 20, 20], "cpu"), True)
+        assert torch.count_nonzero(full[1]) > 0
+        del full
+        off = offsets_from_counts([30, 0, 30], "cpu")
+        for _ in range(2):
+            got = ops.grouped_gemm_wgrad(a, g, off, True)
+            assert torch.count_nonzero(got[1]) == 0
+            assert_close(got, reference.grouped_gemm_wgrad(a, g, off, True), torch.float32, scale=10)
+            del got
+
+
+_ISA_SCRIPT = r"""
+import json, torch
+from dsmoe import ops, reference
+torch.manual_seed(0)
+res = {}
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    def err(x, y):
+        x, y = x.double(), y.double()
+        return ((x - y).norm() / y.norm().clamp_min(1e-30)).item()
+    gu = torch.randn(37, 2 * 75, dtype=dtype)
+    go = torch.randn(37, 75, dtype=dtype)
+    res[f"{dtype} swiglu"] = err(ops.swiglu(gu), reference.swiglu(gu))
+    gu64 = gu.double().requires_grad_()
+    (ref_d,) = torch.autograd.grad(reference.swiglu(gu64), gu64, go.double())
+    res[f"{dtype} swiglu_backward"] = err(torch.ops.dsmoe.swiglu_backward(go, gu), ref_d)
+    T, k, h, E = 29, 3, 70, 6
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).to(torch.int32)
+    x = torch.randn(T, h, dtype=dtype)
+    xp, row_map, off = ops.permute(x, ids, E)
+    w = torch.rand(T, k)
+    res[f"{dtype} unpermute"] = err(ops.unpermute(xp, row_map, w), reference.unpermute(xp, row_map, w))
+    gy = torch.randn(T, h, dtype=dtype)
+    gyp, gw = torch.ops.dsmoe.unpermute_backward(gy, xp, row_map, w)
+    xp64, w64 = xp.double().requires_grad_(), w.double().requires_grad_()
+    rgp, rgw = torch.autograd.grad(reference.unpermute(xp64, row_map, w64), [xp64, w64], gy.double())
+    res[f"{dtype} unpermute_backward"] = max(err(gyp, rgp), err(gw, rgw))
+    res[f"{dtype} permute_backward"] = err(torch.ops.dsmoe.permute_backward(xp, row_map, k), reference.unpermute(xp, row_map, torch.ones(T, k)))
+    for rows in (1, 3, 8):
+        a = torch.randn(rows, 133, dtype=dtype); b = torch.randn(2, 41, 133, dtype=dtype)
+        o = torch.tensor([0, rows, rows], dtype=torch.int32)
+        res[f"{dtype} small_gemm rows={rows}"] = err(ops.grouped_gemm(a, b, o, True), reference.grouped_gemm(a, b, o, True))
+print("RESULT", json.dumps(res))
+"""
+
+
+def _isas():
+    out = ["default", "avx2"]
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        out.append("avx512")
+    return out
+
+
+@pytest.mark.parametrize("isa", _isas())
+def test_vec_kernels_every_isa(isa):
+    # Each ISA build (vec_kernels_*.cpp) is chosen by ATen's ATEN_CPU_CAPABILITY at first use, so
+    # each runs in a process of its own.
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
+    r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert line, r.stdout[-2000:]
+    errs = json.loads(line[0][7:])
+    tol = {"torch.float32": 1e-5, "torch.bfloat16": 1.5e-2, "torch.float16": 2e-3}
+    bad = {k: v for k, v in errs.items() if not v <= tol[k.split()[0]]}
+    assert not bad, f"ATEN_CPU_CAPABILITY={isa}: relative errors too large: {bad}"
+
+
+def test_benchmark_layer_matches_reference():
+    # The dsmoe layer the CPU benchmark times equals the seeds' moe_infer, forward and backward.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_cpu_moe as bench
+    finally:
+        sys.path.pop(0)
+    dims = (48, 40, 24, 6, 2, 1)
+    for routing in ("uniform", "skewed"):
+        p = bench.prepare(dims, torch.float32, routing, train=True)
+        y = bench.dsmoe_fn(p)
+        with torch.no_grad():
+            ref = bench.hf_infer(p)
+        assert_close(y, ref, torch.float32, scale=4)
+        y.backward(p["gy"])
+        got = {n: p[n].grad.clone() for n in ("x", "wg", "w1", "w2", "ws1", "ws2")}
+        for n in got:
+            p[n].grad = None
+        bench.hf_train(p).backward(p["gy"])
+        for n, gr in got.items():
+            assert_close(gr, p[n].grad, torch.float32, scale=8, msg=f"d{n} ({routing})")
