@@ -316,7 +316,8 @@ def moe_forward_train(
     hidden_states = hidden_states.repeat_interleave(k, dim=0)
     y = torch.empty_like(hidden_states)
     for i in range(w_gate_up.shape[0]):
-        y[flat_topk_idx == i] = expert_mlp(hidden_states[flat_topk_idx == i], w_gate_up[i], w_down[i])
+        # .to(y.dtype): under autocast the expert runs in bf16/fp16 while y keeps x's dtype
+        y[flat_topk_idx == i] = expert_mlp(hidden_states[flat_topk_idx == i], w_gate_up[i], w_down[i]).to(y.dtype)
     y = (y.view(*topk_weight.shape, -1) * topk_weight.unsqueeze(-1)).sum(dim=1)
     # The seeds' weights share x's dtype; fp32 weights with bf16 x would promote: keep x's dtype.
     y = y.to(x.dtype).view(*orig_shape)

@@ -359,3 +359,19 @@ def test_dynamic_rope_scaling():
     cos, sin = rope(long, torch.float64)
     torch.testing.assert_close(cos[0], torch.cat([freqs, freqs], -1).cos())
     torch.testing.assert_close(sin[0], torch.cat([freqs, freqs], -1).sin())
+
+
+def test_autocast_bf16_training_both_impls():
+    # under autocast the experts run in bf16 while the residual stream stays fp32
+    cfg = get_preset("tiny")
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for impl in ("reference", "dsmoe"):
+        torch.manual_seed(0)
+        model = DeepSeekMoEForCausalLM(cfg, moe_impl=impl).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids, labels=ids)
+        out.loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+        losses[impl] = out.loss.item()
+    assert abs(losses["reference"] - losses["dsmoe"]) < 2e-2
