@@ -231,14 +231,16 @@ __global__ void zero_empty_groups_kernel(uint8_t* out, int64_t group_bytes,
   }
 }
 
-// Marks which image of this file the device loaded: only the sm_90a one has a shared array,
-// which cudaFuncGetAttributes reports without running anything.
+// Marks which image of this file the device loaded: only the sm_90a one has an 8 KB shared
+// array (far above the 1 KB some tools count as reserved), which cudaFuncGetAttributes reports
+// without running anything. Never launched.
+constexpr int kProbeInts = 2048;
 __global__ void sm90a_probe_kernel(int* sink) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  __shared__ int marker[64];
-  marker[threadIdx.x % 64] = int(threadIdx.x);
+  __shared__ int marker[kProbeInts];
+  marker[threadIdx.x % kProbeInts] = int(threadIdx.x);
   __syncthreads();
-  if (sink != nullptr) sink[threadIdx.x] = marker[(threadIdx.x + 1) % 64];
+  if (sink != nullptr) sink[threadIdx.x] = marker[(threadIdx.x + 1) % kProbeInts];
 #else
   if (sink != nullptr) sink[threadIdx.x] = 0;
 #endif
@@ -258,7 +260,7 @@ bool has_sm90a_image(int device) {
   const cudaError_t err = cudaFuncGetAttributes(&attr, sm90a_probe_kernel);
   bool yes = false;
   if (err == cudaSuccess) {
-    yes = attr.binaryVersion == 90 && attr.sharedSizeBytes >= 64 * sizeof(int);
+    yes = attr.binaryVersion == 90 && attr.sharedSizeBytes >= kProbeInts * sizeof(int);
   } else {
     (void)cudaGetLastError();  // no image for this device: clear the error, use another path
   }

@@ -8,9 +8,9 @@
 // device only (no host copy of them exists). It is persistent (one CTA per SM, clusters of 2
 // along M sharing B tiles by TMA multicast), warp-specialised (one producer warpgroup issuing
 // TMA loads, two consumer warpgroups issuing wgmma, "cooperative" on one tile), and rewrites
-// its TMA descriptors in place when it moves to another group. Empty groups have M = 0 (or, for
-// the weight gradient, M = 0 as well: a K = 0 problem would leave its accumulators unwritten)
-// and contribute no tiles.
+// its TMA descriptors in place when it moves to another group. Empty groups get M = 0 and so
+// no tiles; in the weight gradient, where K is the group's row count, M is zeroed as well (a
+// K = 0 tile would store accumulators no MMA wrote) and the caller zeroes those experts.
 //
 // Limits: bf16/fp16 operands, fp32 accumulation, output in the operand type; rows and base
 // pointers 16-byte aligned (checked by the caller, which routes other shapes elsewhere).
