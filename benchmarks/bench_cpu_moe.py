@@ -42,6 +42,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from dsmoe import reference
+
 # ----------------------------------------------------------------------------- shapes
 
 # name: (T, h, I, E, k, shared experts); shared experts form one MLP of intermediate I * shared.
@@ -139,37 +141,17 @@ def swiglu_mlp(x, w1, w2):
 
 
 def hf_train(p):
-    x, wg, w1, w2, k = p["x"], p["wg"], p["w1"], p["w2"], p["k"]
-    E = wg.shape[0]
-    w, idx = hf_gate(x, wg, k, p["bias"])
-    flat = idx.view(-1)
-    xr = x.repeat_interleave(k, dim=0)
-    y = torch.empty_like(xr)
-    for e in range(E):
-        m = flat == e
-        y[m] = swiglu_mlp(xr[m], w1[e], w2[e])
-    y = (y.view(*w.shape, -1) * w.unsqueeze(-1)).sum(dim=1)
-    return y + swiglu_mlp(x, p["ws1"], p["ws2"])
+    """The seeds' training path (dsmoe.reference.moe_forward_train) + shared experts."""
+    w, idx = hf_gate(p["x"], p["wg"], p["k"], p["bias"])
+    y = reference.moe_forward_train(p["x"], idx, w, p["w1"], p["w2"])
+    return y + swiglu_mlp(p["x"], p["ws1"], p["ws2"])
 
 
 def hf_infer(p):
-    x, wg, w1, w2, k = p["x"], p["wg"], p["w1"], p["w2"], p["k"]
-    w, idx = hf_gate(x, wg, k, p["bias"])
-    flat = idx.view(-1)
-    fw = w.view(-1, 1)
-    cache = torch.zeros_like(x)
-    idxs = flat.argsort()
-    tpe = flat.bincount().cpu().numpy().cumsum(0)
-    tok = idxs // k
-    for e, end in enumerate(tpe):
-        start = 0 if e == 0 else tpe[e - 1]
-        if start == end:
-            continue
-        t = tok[start:end]
-        out = swiglu_mlp(x[t], w1[e], w2[e])
-        out.mul_(fw[idxs[start:end]])
-        cache.scatter_reduce_(0, t.view(-1, 1).repeat(1, x.shape[-1]), out, reduce="sum")
-    return cache + swiglu_mlp(x, p["ws1"], p["ws2"])
+    """The seeds' moe_infer (dsmoe.reference.moe_infer) + shared experts."""
+    w, idx = hf_gate(p["x"], p["wg"], p["k"], p["bias"])
+    y = reference.moe_infer(p["x"], idx, w, p["w1"], p["w2"])
+    return y + swiglu_mlp(p["x"], p["ws1"], p["ws2"])
 
 
 def grouped_mm(p):
