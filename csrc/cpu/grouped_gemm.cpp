@@ -160,6 +160,57 @@ at::Tensor empty_for_weight_grad(at::IntArrayRef sizes, const at::TensorOptions&
                                    options.dtype().toScalarType(), c10::MemoryFormat::Contiguous);
 }
 
+// oneDNN, which at::mm runs for bf16/fp16, builds and JIT-compiles a primitive for every new GEMM
+// shape (~0.4 ms each, measured here), and in training the group sizes change every step: a bf16
+// step of the `dsmoe train` model's layer took ~40 ms with fresh routing each step against ~25 ms
+// with the same routing repeated. So for those types the shapes handed to it come from a small
+// fixed set: a part's rows in equal chunks of at most kRowChunk rows, each padded up to a multiple
+// of kRowQuantum (the padded rows computed into scratch and dropped). MKL (fp32) has no per-shape
+// cost. (oneDNN at 256 rows was 12% slower than at 512 for K = N = 256, hence the large chunks.)
+constexpr int64_t kRowChunk = 512;
+constexpr int64_t kRowQuantum = 16;
+
+bool blas_builds_per_shape(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+int64_t round_up(int64_t n, int64_t q) { return (n + q - 1) / q * q; }
+
+// A reduction length rounded up to one of 8 steps per power of two (<= 12.5% padding), so the
+// weight gradient's GEMMs, whose reduction is a group's rows, also come in few shapes.
+int64_t round_up_geometric(int64_t n) {
+  int64_t pow2 = 1;
+  while (pow2 * 2 <= n) pow2 *= 2;
+  return round_up(n, std::max<int64_t>(kRowQuantum, pow2 / 8));
+}
+
+// c[r:r+m] = a[r:r+m] @ bg through a GEMM of round_up(m, kRowQuantum) rows. The extra rows of a
+// are read in place when they exist (the next group's rows; their results are dropped, so
+// whatever they hold cannot reach c) and are zeros in a scratch copy past the end of a.
+void mm_rows_padded(const at::Tensor& a, int64_t r, int64_t m, const at::Tensor& bg, at::Tensor& c) {
+  const int64_t padded = round_up(m, kRowQuantum);
+  if (padded == m) {
+    auto rows_c = c.narrow(0, r, m);
+    at::mm_out(rows_c, a.narrow(0, r, m), bg);
+    return;
+  }
+  at::Tensor a_pad;
+  if (r + padded <= a.size(0)) {
+    a_pad = a.narrow(0, r, padded);
+  } else {
+    a_pad = at::zeros({padded, a.size(1)}, a.options());
+    a_pad.narrow(0, 0, m).copy_(a.narrow(0, r, m));
+  }
+  auto c_pad = at::empty({padded, c.size(1)}, c.options());
+  at::mm_out(c_pad, a_pad, bg);
+  c.narrow(0, r, m).copy_(c_pad.narrow(0, 0, m));
+}
+
+// t as a contiguous copy with zero rows appended up to padded rows.
+at::Tensor zero_padded_rows(const at::Tensor& t, int64_t padded) {
+  auto out = at::zeros({padded, t.size(1)}, t.options());
+  out.narrow(0, 0, t.size(0)).copy_(t);
+  return out;
+}
+
 // Calls fn(g, lo, hi) for each thread's part [lo, hi) of each thread's equal share of the rows
 // [0, off.back()), as described at the top. The GEMMs dispatch below autograd (the op's own
 // formula in dsmoe/ops.py differentiates it; mm_out refuses inputs that require grad); the guard
@@ -213,14 +264,30 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b, const a
       }
     });
   }
+  const bool bucketed = blas_builds_per_shape(a.scalar_type());
   for_each_row_share(off, [&](int64_t g, int64_t lo, int64_t hi) {
     if (small && hi - lo <= cpu::kSmallGemmRows) {
       small(g, lo, hi);
       return;
     }
-    auto rows_c = c.narrow(0, lo, hi - lo);
     const auto bg = trans_b ? b.select(0, g).t() : b.select(0, g);
-    at::mm_out(rows_c, a.narrow(0, lo, hi - lo), bg);
+    if (!bucketed) {
+      auto rows_c = c.narrow(0, lo, hi - lo);
+      at::mm_out(rows_c, a.narrow(0, lo, hi - lo), bg);
+      return;
+    }
+    // Equal chunks of at most kRowChunk rows, a multiple of kRowQuantum (but the last).
+    const int64_t pieces = (hi - lo + kRowChunk - 1) / kRowChunk;
+    const int64_t chunk = round_up((hi - lo + pieces - 1) / pieces, kRowQuantum);
+    for (int64_t r = lo; r < hi;) {
+      const int64_t m = std::min(chunk, hi - r);
+      if (small && m <= cpu::kSmallGemmRows) {
+        small(g, r, r + m);
+      } else {
+        mm_rows_padded(a, r, m, bg, c);
+      }
+      r += m;
+    }
   });
   return c;
 }
@@ -242,12 +309,25 @@ at::Tensor grouped_gemm_wgrad_cpu(const at::Tensor& a_in, const at::Tensor& grad
   // Split over threads like the forward, but a group's share is a slice of its N output columns
   // (rows are the reduction dimension): the columns of rows [lo, hi) of group g are
   // [(lo - off[g]) * N / rows_g, (hi - off[g]) * N / rows_g), which tile [0, N) exactly.
+  // With oneDNN the column boundaries are multiples of col_q (few distinct widths) and the
+  // reduction is zero-padded to round_up_geometric rows (few distinct lengths); see kRowChunk.
+  const bool bucketed = blas_builds_per_shape(a.scalar_type());
+  const int64_t col_q = std::max<int64_t>(kRowQuantum, round_up((N + 7) / 8, kRowQuantum));
   for_each_row_share(off, [&](int64_t g, int64_t lo, int64_t hi) {
     const int64_t rows_g = off[g + 1] - off[g];
-    const int64_t n0 = (lo - off[g]) * N / rows_g, n1 = (hi - off[g]) * N / rows_g;
+    const auto split_col = [&](int64_t row) {
+      const int64_t col = row * N / rows_g;
+      if (!bucketed || row == rows_g) return col;
+      return std::min(N, (col + col_q / 2) / col_q * col_q);
+    };
+    const int64_t n0 = split_col(lo - off[g]), n1 = split_col(hi - off[g]);
     if (n1 <= n0) return;
-    const auto ag = a.narrow(0, off[g], rows_g);
-    const auto dg = grad_c.narrow(0, off[g], rows_g).narrow(1, n0, n1 - n0);
+    auto ag = a.narrow(0, off[g], rows_g);
+    auto dg = grad_c.narrow(0, off[g], rows_g).narrow(1, n0, n1 - n0);
+    if (bucketed && round_up_geometric(rows_g) != rows_g) {
+      ag = zero_padded_rows(ag, round_up_geometric(rows_g));
+      dg = zero_padded_rows(dg, round_up_geometric(rows_g));
+    }
     if (trans_b) {
       auto og = out.select(0, g).narrow(0, n0, n1 - n0);
       at::mm_out(og, dg.t(), ag);
