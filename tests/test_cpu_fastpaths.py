@@ -57,6 +57,29 @@ def test_grouped_gemm_thread_split(threads, case, dtype, trans_b):
             assert torch.count_nonzero(got[e]) == 0, f"empty expert {e} must get a zero gradient"
 
 
+@pytest.mark.parametrize("dtype", VEC_DTYPES, ids=str)
+def test_grouped_gemm_padded_rows_do_not_leak(threads, dtype):
+    # bf16/fp16 GEMMs run on rows padded up to a multiple of 16, reading the next group's rows in
+    # place (grouped_gemm.cpp, kRowQuantum): non-finite values there must not reach other groups,
+    # and a tail past the end of a is padded with zeros.
+    counts, K, N = [37, 3, 530, 21], 40, 24
+    E, M = len(counts), sum(counts)
+    off = offsets_from_counts(counts, "cpu")
+    a = torch.randn(M, K, dtype=dtype)
+    a[37:40] = float("inf")  # group 1
+    b = torch.randn(E, N, K, dtype=dtype) / K**0.5
+    got = ops.grouped_gemm(a, b, off, True)
+    want = reference.grouped_gemm(a, b, off, True)
+    finite = torch.ones(M, dtype=torch.bool)
+    finite[37:40] = False
+    assert torch.isfinite(got[finite]).all()
+    assert_close(got[finite], want[finite], dtype)
+    g = torch.randn(M, N, dtype=dtype)
+    a[37:40] = 1.0
+    assert_close(ops.grouped_gemm_wgrad(a, g, off, True), reference.grouped_gemm_wgrad(a, g, off, True),
+                 dtype, scale=M**0.5)
+
+
 def test_grouped_gemm_wgrad_is_a_normal_tensor():
     # The weight gradient comes from dsmoe's own allocator (huge pages, blocks reused between
     # steps): it must behave like any CPU tensor.
