@@ -20,13 +20,17 @@ ROOT = Path(__file__).resolve().parents[1]
 VEC_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 # Group sizes that exercise the thread split: a hot expert spanning every thread's share, groups of
-# 1..2 rows (the few-row kernel) and a few more next to larger ones, empty groups, and K/N that are not multiples
-# of any vector width (16 fp32 lanes, 32 bf16 lanes) and span several vector chunks.
+# 1..4 rows (the few-row kernel) next to larger ones, all groups small (threads split columns),
+# empty groups, and K/N that are not multiples of any vector width (16 fp32 lanes, 32 bf16 lanes)
+# and span several vector chunks.
 SPLIT_CASES = [
     ([300, 1, 0, 2], 70, 45),
     ([1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 17], 129, 33),
     ([0, 0, 64, 0], 48, 96),
     ([8] * 9, 37, 130),
+    # decode-like: every group <= 16 rows, so threads split columns (small kernel and BLAS parts)
+    ([1, 0, 3, 4, 2, 0, 1], 129, 50),
+    ([16, 5, 0, 2], 40, 70),
 ]
 
 

@@ -40,16 +40,21 @@ struct VecKernels {
   void (*unpermute_backward)(const T* grad_y, const T* y_perm, const int32_t* row_map,
                              const acc_t* w, int64_t t_begin, int64_t t_end, int64_t k, int64_t h,
                              T* grad_y_perm, acc_t* grad_w);
-  // c[r, n] = sum_k a[r, k] * b[n, k] (fp32 accumulation); a [rows, K], b [N, K] (one nn.Linear
-  // weight), c [rows, N], all contiguous; meant for rows <= kSmallGemmRows. A GEMM of a row or
-  // two is bound by reading b; this reads b once, straight from memory, where a BLAS call first
-  // packs it (decode, and experts that got a token or two).
-  void (*small_gemm_nt)(const T* a, const T* b, T* c, int64_t rows, int64_t N, int64_t K);
+  // c[r * ldc + n] = sum_k a[r, k] * b[n, k] (fp32 accumulation); a [rows, K] and b [N, K] (one
+  // nn.Linear weight, or a slice of its rows) contiguous; meant for rows <= kSmallGemmRows. A GEMM
+  // of a few rows is bound by reading b; this reads b once, straight from memory, where a BLAS call
+  // first packs it (decode, and experts that got a few tokens).
+  void (*small_gemm_nt)(const T* a, const T* b, T* c, int64_t ldc, int64_t rows, int64_t N,
+                        int64_t K);
 };
 
-// Up to this many rows small_gemm_nt beats a BLAS call here (measured: at 1 row it takes half the
-// time of oneDNN/MKL, at 2 rows the same; from 4 rows on BLAS wins).
-inline constexpr int64_t kSmallGemmRows = 2;
+// Up to this many rows small_gemm_nt beats a BLAS call here. Measured on 2 threads over 63
+// experts (704x1280 and 1280x352) with r rows each: bf16 r=1..3 8-10 ms against 10-12 ms with
+// oneDNN, r=4 even, r>=6 oneDNN wins at K=1280; fp32 r=2..3 11-14 ms against 20-25 ms with
+// MKL, r=4 even, r>=6 MKL wins.
+inline constexpr int64_t kSmallGemmRows = 4;
+// Rows that small_gemm_nt multiplies in one pass over b.
+inline constexpr int64_t kSmallGemmBlock = 4;
 
 template <typename T>
 struct VecTables {
