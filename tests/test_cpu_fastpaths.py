@@ -194,3 +194,39 @@ def test_benchmark_layer_matches_reference():
         bench.hf_train(p).backward(p["gy"])
         for n, gr in got.items():
             assert_close(gr, p[n].grad, torch.float32, scale=8, msg=f"d{n} ({routing})")
+
+
+_FP32_GEMM_SCRIPT = r"""
+import torch
+from dsmoe import ops, reference
+from conftest import assert_close, offsets_from_counts
+torch.manual_seed(0)
+for counts, K, N in [([300, 1, 0, 2], 70, 45), ([8] * 9, 37, 130), ([530, 21], 129, 33)]:
+    E, M = len(counts), sum(counts)
+    off = offsets_from_counts(counts, "cpu")
+    a = torch.randn(M, K)
+    for trans_b in (True, False):
+        b = torch.randn(E, N, K) if trans_b else torch.randn(E, K, N)
+        assert_close(ops.grouped_gemm(a, b, off, trans_b), reference.grouped_gemm(a, b, off, trans_b), torch.float32)
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("backend", ["onednn", "mkl"])
+def test_grouped_gemm_fp32_backends(backend):
+    # fp32 GEMMs run on oneDNN by default and on MKL with DSMOE_CPU_FP32_GEMM=mkl (read once per
+    # process, so each runs in a process of its own); both give the reference's answers.
+    env = dict(os.environ, DSMOE_CPU_FP32_GEMM=backend)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT), env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", _FP32_GEMM_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-2000:]
+
+
+def test_grouped_gemm_fp32_backend_bad_value():
+    env = dict(os.environ, DSMOE_CPU_FP32_GEMM="cublas")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    code = ("import torch; from dsmoe import ops; "
+            "ops.grouped_gemm(torch.randn(4, 8), torch.randn(1, 8, 8), torch.tensor([0, 4], dtype=torch.int32), True)")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "DSMOE_CPU_FP32_GEMM must be 'onednn' or 'mkl'" in r.stderr, r.stderr[-2000:]
