@@ -347,7 +347,8 @@ def moe_infer(x: Tensor, topk_idx: Tensor, topk_weight: Tensor, w_gate_up: Tenso
             continue
         exp_token_idx = token_idxs[start_idx:end_idx]
         expert_tokens = x[exp_token_idx]
-        expert_out = expert_mlp(expert_tokens, w_gate_up[i], w_down[i])
+        # .to(): under autocast the expert runs in bf16/fp16 while the cache keeps x's dtype
+        expert_out = expert_mlp(expert_tokens, w_gate_up[i], w_down[i]).to(expert_cache.dtype)
         expert_out.mul_(flat_expert_weights[idxs[start_idx:end_idx]])
         expert_cache.scatter_reduce_(
             0, exp_token_idx.view(-1, 1).repeat(1, x.shape[-1]), expert_out, reduce="sum"

@@ -375,3 +375,18 @@ def test_autocast_bf16_training_both_impls():
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
         losses[impl] = out.loss.item()
     assert abs(losses["reference"] - losses["dsmoe"]) < 2e-2
+
+
+def test_autocast_bf16_eval_both_impls():
+    # eval (no grad) takes the seeds' moe_infer path on the reference impl; under autocast its
+    # bf16 expert outputs go into the fp32 residual stream's cache (was a scatter dtype error)
+    cfg = get_preset("tiny")
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for impl in ("reference", "dsmoe"):
+        torch.manual_seed(0)
+        model = DeepSeekMoEForCausalLM(cfg, moe_impl=impl).eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits[impl] = model(ids).logits.float()
+        assert torch.isfinite(logits[impl]).all()
+    torch.testing.assert_close(logits["reference"], logits["dsmoe"], atol=5e-2, rtol=5e-2)
