@@ -33,7 +33,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -43,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from dsmoe import reference
+from dsmoe.cli.bench import cpu_name
 
 # ----------------------------------------------------------------------------- shapes
 
@@ -627,15 +627,7 @@ def print_tables(rows, markdown):
 
 
 def machine_line():
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_name()
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f" {f}" in flags]
     return (f"{cpu}, {os.cpu_count()} cores ({','.join(isa)}), torch {torch.__version__}, "

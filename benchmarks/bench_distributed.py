@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -36,6 +35,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from dsmoe.cli.bench import cpu_name
 
 
 def meshes(nproc: int, only: str | None):
@@ -214,16 +215,6 @@ def run_config(args, nproc: int, dp: int, ep: int, mode: str, threads: int = 0) 
     out = json.loads(result.read_text())
     result.unlink()
     return out
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> int:

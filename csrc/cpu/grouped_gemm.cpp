@@ -170,8 +170,9 @@ at::Tensor empty_for_weight_grad(at::IntArrayRef sizes, const at::TensorOptions&
 // step of the `dsmoe train` model's layer took ~40 ms with fresh routing each step against ~25 ms
 // with the same routing repeated. So for those types the shapes handed to it come from a small
 // fixed set: a part's rows in equal chunks of at most kRowChunk rows, each padded up to a multiple
-// of kRowQuantum (the padded rows computed into scratch and dropped). MKL (fp32) has no per-shape
-// cost. (oneDNN at 256 rows was 12% slower than at 512 for K = N = 256, hence the large chunks.)
+// of kRowQuantum (the padded rows computed into scratch and dropped). fp32 on oneDNN (below) takes
+// the same buckets; MKL has no per-shape cost. (oneDNN at 256 rows was 12% slower than at 512 for
+// K = N = 256, hence the large chunks.)
 constexpr int64_t kRowChunk = 512;
 constexpr int64_t kRowQuantum = 16;
 
@@ -225,18 +226,20 @@ int64_t round_up_geometric(int64_t n) {
   return round_up(n, std::max<int64_t>(kRowQuantum, pow2 / 8));
 }
 
+// t as a contiguous copy with zero rows appended up to padded rows.
+at::Tensor zero_padded_rows(const at::Tensor& t, int64_t padded) {
+  auto out = at::zeros({padded, t.size(1)}, t.options());
+  out.narrow(0, 0, t.size(0)).copy_(t);
+  return out;
+}
+
 // c[r:r+m] = a[r:r+m] @ bg through a GEMM of round_up(m, kRowQuantum) rows. The extra rows of a
 // are read in place when they exist (the next group's rows; their results are dropped, so
 // whatever they hold cannot reach c) and are zeros in a scratch copy past the end of a.
 void mm_rows_padded(const at::Tensor& a, int64_t r, int64_t m, const at::Tensor& bg, at::Tensor& c) {
   const int64_t padded = round_up(m, kRowQuantum);
-  at::Tensor a_pad;
-  if (r + padded <= a.size(0)) {
-    a_pad = a.narrow(0, r, padded);
-  } else {
-    a_pad = at::zeros({padded, a.size(1)}, a.options());
-    a_pad.narrow(0, 0, m).copy_(a.narrow(0, r, m));
-  }
+  const at::Tensor a_pad = r + padded <= a.size(0) ? a.narrow(0, r, padded)
+                                                   : zero_padded_rows(a.narrow(0, r, m), padded);
   auto rows_c = c.narrow(0, r, m);
   if (padded == m) {
     gemm_out(rows_c, a_pad, bg);
@@ -245,13 +248,6 @@ void mm_rows_padded(const at::Tensor& a, int64_t r, int64_t m, const at::Tensor&
     gemm_out(c_pad, a_pad, bg);
     rows_c.copy_(c_pad.narrow(0, 0, m));
   }
-}
-
-// t as a contiguous copy with zero rows appended up to padded rows.
-at::Tensor zero_padded_rows(const at::Tensor& t, int64_t padded) {
-  auto out = at::zeros({padded, t.size(1)}, t.options());
-  out.narrow(0, 0, t.size(0)).copy_(t);
-  return out;
 }
 
 // Calls fn(g, lo, hi) for each thread's part [lo, hi) of each thread's equal share of the rows
@@ -307,8 +303,9 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b, const a
       }
     });
   }
-  const bool on_onednn =
-      is_reduced_float(a.scalar_type()) || (a.scalar_type() == at::kFloat && onednn_fp32_matmul() != nullptr);
+  // Read before any GEMM, so that a bad DSMOE_CPU_FP32_GEMM is refused on every path.
+  const bool on_onednn = is_reduced_float(a.scalar_type()) ||
+                         (a.scalar_type() == at::kFloat && onednn_fp32_matmul() != nullptr);
   // Decode (every group a few rows): the work is reading the weights of the groups that got rows,
   // whatever their row counts, so threads split every group's output columns (each weight row is
   // read once, and every thread reads the same amount) instead of the rows. Measured on the decode
@@ -379,8 +376,8 @@ at::Tensor grouped_gemm_wgrad_cpu(const at::Tensor& a_in, const at::Tensor& grad
   // Split over threads like the forward, but a group's share is a slice of its N output columns
   // (rows are the reduction dimension): the columns of rows [lo, hi) of group g are
   // [(lo - off[g]) * N / rows_g, (hi - off[g]) * N / rows_g), which tile [0, N) exactly.
-  // With oneDNN the column boundaries are multiples of col_q (few distinct widths) and the
-  // reduction is zero-padded to round_up_geometric rows (few distinct lengths); see kRowChunk.
+  // For bf16/fp16 (oneDNN) the column boundaries are multiples of col_q (few distinct widths)
+  // and the reduction is zero-padded to round_up_geometric rows (few lengths); see kRowChunk.
   const bool bucketed = is_reduced_float(a.scalar_type());
   const int64_t col_q = std::max<int64_t>(kRowQuantum, round_up((N + 7) / 8, kRowQuantum));
   for_each_row_share(off, [&](int64_t g, int64_t lo, int64_t hi) {
@@ -394,9 +391,10 @@ at::Tensor grouped_gemm_wgrad_cpu(const at::Tensor& a_in, const at::Tensor& grad
     if (n1 <= n0) return;
     auto ag = a.narrow(0, off[g], rows_g);
     auto dg = grad_c.narrow(0, off[g], rows_g).narrow(1, n0, n1 - n0);
-    if (bucketed && round_up_geometric(rows_g) != rows_g) {
-      ag = zero_padded_rows(ag, round_up_geometric(rows_g));
-      dg = zero_padded_rows(dg, round_up_geometric(rows_g));
+    const int64_t reduction = bucketed ? round_up_geometric(rows_g) : rows_g;
+    if (reduction != rows_g) {
+      ag = zero_padded_rows(ag, reduction);
+      dg = zero_padded_rows(dg, reduction);
     }
     if (trans_b) {
       auto og = out.select(0, g).narrow(0, n0, n1 - n0);

@@ -9,7 +9,6 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 namespace dsmoe::cpu {

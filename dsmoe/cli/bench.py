@@ -106,7 +106,7 @@ def run(ns: argparse.Namespace) -> int:
     if ns.tokens is not None and ns.tokens < 1:
         raise CLIError(f"--tokens must be >= 1, got {ns.tokens}")
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    cpu = _cpu_name()
+    cpu = cpu_name()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu}, {torch.get_num_threads()} threads"
     print(f"dsmoe bench on {device} ({where}), torch {torch.__version__}; median of {reps} (after {ns.warmup} warm-up)")
     print("fwd: inference (eval mode; reference = moe_infer); fwd+bwd: training (reference = loop over experts)\n")
@@ -163,7 +163,8 @@ def run(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), for benchmark headers."""
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):

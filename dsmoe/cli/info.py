@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from .bench import _cpu_name
+from .bench import cpu_name
 from .common import format_table
 
 
@@ -26,7 +26,7 @@ def run(ns: argparse.Namespace) -> int:
         if key not in ("version", "torch_version", "cuda", "cuda_archs"):
             print(f"  {key}: {value}")
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), python {platform.python_version()}")
-    print(f"CPU: {_cpu_name()}, {torch.get_num_threads()} threads")
+    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
