@@ -2,6 +2,9 @@
 // in), and build_info() reports what this build was made with. The macros come from setup.py.
 #include <torch/extension.h>
 
+#include "cpu/bf16_gemm.h"
+#include "cpu/vec_kernels.h"
+
 #ifndef DSMOE_VERSION
 #define DSMOE_VERSION "unknown"
 #endif
@@ -33,10 +36,22 @@ pybind11::dict build_info() {
   return info;
 }
 
+// Which CPU kernels run on this machine (each chosen once per process; see the headers).
+pybind11::dict cpu_kernels() {
+  pybind11::dict info;
+  info["vec_isa"] = dsmoe::cpu::vec_kernels_isa();
+  info["bf16_gemm"] = dsmoe::cpu::bf16_gemm_kernel() != nullptr ? "avx512-bf16" : "onednn";
+  info["cpu_avx512_bf16"] = dsmoe::cpu::cpu_has_avx512_bf16();
+  return info;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dsmoe compiled operators (registered as torch.ops.dsmoe.*)";
   m.def("build_info", &build_info,
         "Build information: version, torch_version built against, cuda, cuda_archs, cutlass.");
+  m.def("cpu_kernels", &cpu_kernels,
+        "The CPU kernels chosen here: vec_isa (elementwise/gather kernels), bf16_gemm "
+        "('avx512-bf16' or 'onednn'), cpu_avx512_bf16.");
 }

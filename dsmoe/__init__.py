@@ -1,5 +1,5 @@
 """dsmoe: fast fine-grained Mixture-of-Experts operators and the DeepSeekMoE model."""
-from ._ext import build_info
+from ._ext import build_info, cpu_kernels
 from . import ops
 from .config import (
     DeepSeekMoEConfig,
@@ -28,6 +28,7 @@ __version__ = build_info()["version"]
 
 __all__ = [
     "build_info",
+    "cpu_kernels",
     "ops",
     "__version__",
     # model package

@@ -29,3 +29,12 @@ _C = _load()
 def build_info() -> dict:
     """Version, the torch version it was built against, CUDA on/off and the CUDA archs."""
     return dict(_C.build_info())
+
+
+def cpu_kernels() -> dict:
+    """The CPU kernels this machine runs (each chosen once per process): ``vec_isa`` of the
+    elementwise and gather kernels (AVX512/AVX2/DEFAULT, ATen's ``ATEN_CPU_CAPABILITY`` rule),
+    ``bf16_gemm`` of the bf16 grouped GEMM ('avx512-bf16': dsmoe's kernel, on CPUs with AVX512-BF16
+    and no AMX; 'onednn' otherwise, or with ``DSMOE_CPU_BF16_GEMM=onednn``) and whether the CPU
+    has AVX512-BF16 (``cpu_avx512_bf16``)."""
+    return dict(_C.cpu_kernels())

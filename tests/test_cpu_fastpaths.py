@@ -230,3 +230,75 @@ def test_grouped_gemm_fp32_backend_bad_value():
             "ops.grouped_gemm(torch.randn(4, 8), torch.randn(1, 8, 8), torch.tensor([0, 4], dtype=torch.int32), True)")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "DSMOE_CPU_FP32_GEMM must be 'onednn' or 'mkl'" in r.stderr, r.stderr[-2000:]
+
+
+_BF16_GEMM_SCRIPT = r"""
+import torch, dsmoe
+from dsmoe import ops, reference
+from conftest import assert_close, offsets_from_counts
+print("KERNEL", dsmoe.cpu_kernels()["bf16_gemm"])
+torch.manual_seed(0)
+# Row counts around the 6-row tiles, K odd / 1 / past one 16-pair strip, N around the 64-column
+# panels, empty groups, and a part too large for the streamed kernel (1100 x 257 bf16 > 512 KiB:
+# whole weight packed first).
+cases = [([1, 5, 6, 7, 0, 13], 1, 1), ([12, 0, 25], 33, 17), ([40, 3], 2, 64), ([6, 70], 31, 65),
+         ([19, 114], 1280 // 8, 130), ([1100, 9], 257, 96), ([2, 3, 4], 64, 200)]
+for threads in (1, 2, 3):
+    torch.set_num_threads(threads)
+    for counts, K, N in cases:
+        E, M = len(counts), sum(counts)
+        off = offsets_from_counts(counts, "cpu")
+        a = torch.randn(M, K, dtype=torch.bfloat16)
+        for trans_b in (True, False):
+            b = torch.randn(E, N, K) if trans_b else torch.randn(E, K, N)
+            b = (b / K**0.5).bfloat16()
+            got = ops.grouped_gemm(a, b, off, trans_b)
+            # fp32 accumulation, one rounding: within one bf16 ulp of the fp64 product
+            want = reference.grouped_gemm(a.double(), b.double(), off, trans_b)
+            assert_close(got, want.bfloat16(), torch.bfloat16, msg=f"{counts} K{K} N{N} trans_b={trans_b}")
+            # every element written (the output is not zero-initialised)
+            assert torch.isfinite(got).all()
+            # and the transposed weight through a view (not contiguous: oneDNN path) agrees
+            bt = b.transpose(1, 2).contiguous().transpose(1, 2)
+            assert_close(ops.grouped_gemm(a, bt, off, trans_b), got, torch.bfloat16)
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("backend", ["onednn", "avx512"])
+def test_grouped_gemm_bf16_backends(backend):
+    # bf16 GEMMs run on dsmoe's AVX512-BF16 kernel where the CPU has it and no AMX, else on oneDNN
+    # (bf16_gemm.h; chosen once per process, so each runs in a process of its own).
+    env = dict(os.environ, DSMOE_CPU_BF16_GEMM=backend)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT), env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", _BF16_GEMM_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=600)
+    import dsmoe
+
+    if backend == "avx512" and not dsmoe.cpu_kernels()["cpu_avx512_bf16"]:
+        assert r.returncode != 0 and "no AVX512-BF16" in r.stderr, r.stderr[-2000:]
+        return
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-2000:]
+    want = "avx512-bf16" if backend == "avx512" else "onednn"
+    assert f"KERNEL {want}" in r.stdout
+
+
+def test_grouped_gemm_bf16_backend_bad_value():
+    env = dict(os.environ, DSMOE_CPU_BF16_GEMM="amx")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    code = ("import torch; from dsmoe import ops; "
+            "ops.grouped_gemm(torch.randn(4, 8).bfloat16(), torch.randn(1, 8, 8).bfloat16(), "
+            "torch.tensor([0, 4], dtype=torch.int32), True)")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "DSMOE_CPU_BF16_GEMM must be 'auto', 'onednn' or 'avx512'" in r.stderr, \
+        r.stderr[-2000:]
+
+
+def test_cpu_kernels_reports_choice():
+    import dsmoe
+
+    info = dsmoe.cpu_kernels()
+    assert info["vec_isa"] in ("AVX512", "AVX2", "DEFAULT")
+    assert info["bf16_gemm"] in ("avx512-bf16", "onednn")
+    if info["bf16_gemm"] == "avx512-bf16":
+        assert info["cpu_avx512_bf16"]
