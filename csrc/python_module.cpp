@@ -2,7 +2,7 @@
 // in), and build_info() reports what this build was made with. The macros come from setup.py.
 #include <torch/extension.h>
 
-#include "cpu/bf16_gemm.h"
+#include "cpu/avx512_gemm.h"
 #include "cpu/vec_kernels.h"
 
 #ifndef DSMOE_VERSION
@@ -40,7 +40,9 @@ pybind11::dict build_info() {
 pybind11::dict cpu_kernels() {
   pybind11::dict info;
   info["vec_isa"] = dsmoe::cpu::vec_kernels_isa();
-  info["bf16_gemm"] = dsmoe::cpu::bf16_gemm_kernel() != nullptr ? "avx512-bf16" : "onednn";
+  info["bf16_gemm"] = dsmoe::cpu::bf16_gemm_kernel() != nullptr ? "avx512" : "onednn";
+  info["fp32_gemm"] =
+      dsmoe::cpu::fp32_gemm_kernel() != nullptr ? "avx512" : dsmoe::cpu::fp32_blas_choice();
   info["cpu_avx512_bf16"] = dsmoe::cpu::cpu_has_avx512_bf16();
   return info;
 }
@@ -53,5 +55,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Build information: version, torch_version built against, cuda, cuda_archs, cutlass.");
   m.def("cpu_kernels", &cpu_kernels,
         "The CPU kernels chosen here: vec_isa (elementwise/gather kernels), bf16_gemm "
-        "('avx512-bf16' or 'onednn'), cpu_avx512_bf16.");
+        "('avx512' or 'onednn'), fp32_gemm ('avx512', 'onednn' or 'mkl'), cpu_avx512_bf16.");
 }

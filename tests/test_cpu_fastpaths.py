@@ -197,30 +197,44 @@ def test_benchmark_layer_matches_reference():
 
 
 _FP32_GEMM_SCRIPT = r"""
-import torch
+import torch, dsmoe
 from dsmoe import ops, reference
 from conftest import assert_close, offsets_from_counts
+print("KERNEL", dsmoe.cpu_kernels()["fp32_gemm"])
 torch.manual_seed(0)
-for counts, K, N in [([300, 1, 0, 2], 70, 45), ([8] * 9, 37, 130), ([530, 21], 129, 33)]:
-    E, M = len(counts), sum(counts)
-    off = offsets_from_counts(counts, "cpu")
-    a = torch.randn(M, K)
-    for trans_b in (True, False):
-        b = torch.randn(E, N, K) if trans_b else torch.randn(E, K, N)
-        assert_close(ops.grouped_gemm(a, b, off, trans_b), reference.grouped_gemm(a, b, off, trans_b), torch.float32)
+# As for bf16 below; 700 x 257 fp32 > 512 KiB: whole weight packed first on the avx512 kernel.
+cases = [([300, 1, 0, 2], 70, 45), ([8] * 9, 37, 130), ([530, 21], 129, 33), ([1, 5, 6, 7, 0, 13], 1, 1),
+         ([6, 70], 17, 65), ([700, 9], 257, 96)]
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    for counts, K, N in cases:
+        E, M = len(counts), sum(counts)
+        off = offsets_from_counts(counts, "cpu")
+        a = torch.randn(M, K)
+        for trans_b in (True, False):
+            b = torch.randn(E, N, K) if trans_b else torch.randn(E, K, N)
+            got = ops.grouped_gemm(a, b, off, trans_b)
+            assert_close(got, reference.grouped_gemm(a, b, off, trans_b), torch.float32)
 print("OK")
 """
 
 
-@pytest.mark.parametrize("backend", ["onednn", "mkl"])
+@pytest.mark.parametrize("backend", ["avx512", "onednn", "mkl"])
 def test_grouped_gemm_fp32_backends(backend):
-    # fp32 GEMMs run on oneDNN by default and on MKL with DSMOE_CPU_FP32_GEMM=mkl (read once per
-    # process, so each runs in a process of its own); both give the reference's answers.
+    # fp32 GEMMs run on dsmoe's AVX512 kernel where the CPU has AVX512-BF16 and no AMX, else on
+    # oneDNN, or on MKL with DSMOE_CPU_FP32_GEMM=mkl (read once per process, so each runs in a
+    # process of its own); all give the reference's answers.
     env = dict(os.environ, DSMOE_CPU_FP32_GEMM=backend)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT), env.get("PYTHONPATH", "")])
     r = subprocess.run([sys.executable, "-c", _FP32_GEMM_SCRIPT], env=env, capture_output=True, text=True,
-                       timeout=300)
+                       timeout=600)
+    import dsmoe
+
+    if backend == "avx512" and not dsmoe.cpu_kernels()["cpu_avx512_bf16"]:
+        assert r.returncode != 0 and "no AVX512-BF16" in r.stderr, r.stderr[-2000:]
+        return
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-2000:]
+    assert f"KERNEL {backend}" in r.stdout
 
 
 def test_grouped_gemm_fp32_backend_bad_value():
@@ -229,7 +243,8 @@ def test_grouped_gemm_fp32_backend_bad_value():
     code = ("import torch; from dsmoe import ops; "
             "ops.grouped_gemm(torch.randn(4, 8), torch.randn(1, 8, 8), torch.tensor([0, 4], dtype=torch.int32), True)")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "DSMOE_CPU_FP32_GEMM must be 'onednn' or 'mkl'" in r.stderr, r.stderr[-2000:]
+    assert r.returncode != 0 and "DSMOE_CPU_FP32_GEMM must be 'auto', 'avx512', 'onednn' or 'mkl'" in r.stderr, \
+        r.stderr[-2000:]
 
 
 _BF16_GEMM_SCRIPT = r"""
@@ -268,7 +283,7 @@ print("OK")
 @pytest.mark.parametrize("backend", ["onednn", "avx512"])
 def test_grouped_gemm_bf16_backends(backend):
     # bf16 GEMMs run on dsmoe's AVX512-BF16 kernel where the CPU has it and no AMX, else on oneDNN
-    # (bf16_gemm.h; chosen once per process, so each runs in a process of its own).
+    # (avx512_gemm.h; chosen once per process, so each runs in a process of its own).
     env = dict(os.environ, DSMOE_CPU_BF16_GEMM=backend)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT), env.get("PYTHONPATH", "")])
     r = subprocess.run([sys.executable, "-c", _BF16_GEMM_SCRIPT], env=env, capture_output=True, text=True,
@@ -279,7 +294,7 @@ def test_grouped_gemm_bf16_backends(backend):
         assert r.returncode != 0 and "no AVX512-BF16" in r.stderr, r.stderr[-2000:]
         return
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-2000:]
-    want = "avx512-bf16" if backend == "avx512" else "onednn"
+    want = "avx512" if backend == "avx512" else "onednn"
     assert f"KERNEL {want}" in r.stdout
 
 
@@ -299,6 +314,7 @@ def test_cpu_kernels_reports_choice():
 
     info = dsmoe.cpu_kernels()
     assert info["vec_isa"] in ("AVX512", "AVX2", "DEFAULT")
-    assert info["bf16_gemm"] in ("avx512-bf16", "onednn")
-    if info["bf16_gemm"] == "avx512-bf16":
+    assert info["bf16_gemm"] in ("avx512", "onednn")
+    assert info["fp32_gemm"] in ("avx512", "onednn", "mkl")
+    if "avx512" in (info["bf16_gemm"], info["fp32_gemm"]):
         assert info["cpu_avx512_bf16"]

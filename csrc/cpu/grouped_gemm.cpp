@@ -21,7 +21,7 @@
 #include "../index_math.h"
 #include "../op_checks.h"
 
-#include "bf16_gemm.h"
+#include "avx512_gemm.h"
 #include "vec_kernels.h"
 
 #include <ATen/ATen.h>
@@ -177,7 +177,7 @@ at::Tensor empty_for_weight_grad(at::IntArrayRef sizes, const at::TensorOptions&
 constexpr int64_t kRowChunk = 512;
 constexpr int64_t kRowQuantum = 16;
 
-// Parts whose rows of a take at most this many bytes run bf16_gemm.h's streamed kernel (a is
+// Parts whose rows of a take at most this many bytes run avx512_gemm.h's streamed kernel (a is
 // re-read from L2 for every 64-column panel; the weight's reads overlap the arithmetic); larger
 // parts pack the whole weight first. Measured at the 2B layer's expert GEMMs (114 rows, K 1280
 // or 352): streamed 31-34 ms against 36-37 for pack + gemm over 63 experts.
@@ -198,10 +198,7 @@ using MkldnnMatmulFn = void (*)(const at::Tensor& mat1, const at::Tensor& mat2,
 
 MkldnnMatmulFn onednn_fp32_matmul() {
   static const MkldnnMatmulFn fn = []() -> MkldnnMatmulFn {
-    const char* env = std::getenv("DSMOE_CPU_FP32_GEMM");
-    TORCH_CHECK(env == nullptr || std::string(env) == "onednn" || std::string(env) == "mkl",
-                "DSMOE_CPU_FP32_GEMM must be 'onednn' or 'mkl', got '", env, "'");
-    if ((env != nullptr && std::string(env) == "mkl") || !at::hasMKLDNN()) return nullptr;
+    if (std::string(cpu::fp32_blas_choice()) == "mkl" || !at::hasMKLDNN()) return nullptr;
     // Already loaded (this extension links it); RTLD_NOLOAD only takes a handle.
     void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
     if (lib == nullptr) return nullptr;
@@ -286,6 +283,28 @@ void for_each_row_share(const std::vector<int64_t>& off, const Fn& fn) {
   });
 }
 
+// c[lo:hi] = a[lo:hi] @ (group g of b) with avx512_gemm.h's kernel: streamed (weight packed a
+// panel at a time under the arithmetic) when the rows of a fit kStreamedMaxBytes, else the whole
+// weight packed first. Scratch is per thread.
+template <typename T>
+void avx512_gemm_part(const cpu::Avx512Gemm<T>& kernel, const at::Tensor& a, const at::Tensor& b,
+                      at::Tensor& c, int64_t g, int64_t lo, int64_t hi, bool trans_b) {
+  const int64_t K = a.size(1), N = c.size(1);
+  const T* ap = a.const_data_ptr<T>() + lo * K;
+  const T* bp = b.const_data_ptr<T>() + g * N * K;
+  T* cp = c.mutable_data_ptr<T>() + lo * N;
+  const int64_t ldb = trans_b ? K : N;
+  thread_local std::vector<uint32_t> packed;
+  if ((hi - lo) * K * static_cast<int64_t>(sizeof(T)) <= kStreamedMaxBytes) {
+    packed.resize(cpu::panel_words<T>(K));
+    kernel.gemm_streamed(ap, K, bp, ldb, trans_b, N, K, cp, N, hi - lo, packed.data());
+  } else {
+    packed.resize(cpu::packed_words<T>(N, K));
+    kernel.pack(bp, ldb, trans_b, N, K, packed.data());
+    kernel.gemm(ap, K, packed.data(), N, K, cp, N, hi - lo);
+  }
+}
+
 at::Tensor grouped_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b, const at::Tensor& offsets,
                             bool trans_b) {
   check_grouped_gemm_args(a_in, b, offsets, trans_b);
@@ -310,11 +329,14 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b, const a
       }
     });
   }
-  // bf16 on AVX512-BF16 without AMX: bf16_gemm.h's kernel (no shape buckets needed, it has no
-  // per-shape cost). Both choices are read before any GEMM, so that a bad DSMOE_CPU_FP32_GEMM or
-  // DSMOE_CPU_BF16_GEMM is refused on every path.
-  const cpu::Bf16Gemm* bf16_kernel =
-      a.scalar_type() == at::kBFloat16 && b.is_contiguous() ? cpu::bf16_gemm_kernel() : nullptr;
+  // On AVX512-BF16 CPUs without AMX, bf16 and fp32 run avx512_gemm.h's kernel (no shape
+  // buckets needed: it has no per-shape cost). Every choice is read before any GEMM, so that a bad
+  // DSMOE_CPU_FP32_GEMM or DSMOE_CPU_BF16_GEMM is refused on every path.
+  const cpu::Avx512Gemm<at::BFloat16>* bf16_kernel =
+      a.scalar_type() == at::kBFloat16 ? cpu::bf16_gemm_kernel() : nullptr;
+  const cpu::Avx512Gemm<float>* fp32_kernel =
+      a.scalar_type() == at::kFloat ? cpu::fp32_gemm_kernel() : nullptr;
+  const bool own_kernel = b.is_contiguous() && (bf16_kernel != nullptr || fp32_kernel != nullptr);
   const bool on_onednn = is_reduced_float(a.scalar_type()) ||
                          (a.scalar_type() == at::kFloat && onednn_fp32_matmul() != nullptr);
   // Decode (every group a few rows): the work is reading the weights of the groups that got rows,
@@ -348,20 +370,11 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b, const a
       small(g, lo, hi, 0, N);
       return;
     }
-    if (bf16_kernel != nullptr) {
-      const int64_t K = a.size(1);
-      const auto* ap = a.const_data_ptr<at::BFloat16>() + lo * K;
-      const auto* bp = b.const_data_ptr<at::BFloat16>() + g * N * K;
-      auto* cp = c.mutable_data_ptr<at::BFloat16>() + lo * N;
-      const int64_t ldb = trans_b ? K : N;
-      thread_local std::vector<uint32_t> packed;
-      if ((hi - lo) * K * 2 <= kStreamedMaxBytes) {
-        packed.resize(cpu::bf16_panel_words(K));
-        bf16_kernel->gemm_streamed(ap, K, bp, ldb, trans_b, N, K, cp, N, hi - lo, packed.data());
+    if (own_kernel) {
+      if (bf16_kernel != nullptr) {
+        avx512_gemm_part(*bf16_kernel, a, b, c, g, lo, hi, trans_b);
       } else {
-        packed.resize(cpu::bf16_packed_words(N, K));
-        bf16_kernel->pack(bp, ldb, trans_b, N, K, packed.data());
-        bf16_kernel->gemm(ap, K, packed.data(), N, K, cp, N, hi - lo);
+        avx512_gemm_part(*fp32_kernel, a, b, c, g, lo, hi, trans_b);
       }
       return;
     }

@@ -1,0 +1,104 @@
+// Which GEMM the grouped GEMM uses on this CPU, per dtype (avx512_gemm.h).
+#include "avx512_gemm.h"
+
+#include <ATen/Version.h>
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <string>
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
+
+namespace dsmoe::cpu {
+namespace {
+
+struct CpuFeatures {
+  bool avx512_bf16 = false;
+  bool amx_bf16 = false;
+};
+
+CpuFeatures cpu_features() {
+  CpuFeatures f;
+#if defined(__x86_64__)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) {
+    const unsigned max_subleaf = eax;
+    f.amx_bf16 = (edx >> 22) & 1u;
+    if (max_subleaf >= 1 && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) {
+      f.avx512_bf16 = (eax >> 5) & 1u;
+    }
+  }
+#endif
+  return f;
+}
+
+struct Kernels {
+  Avx512Gemm<c10::BFloat16> bf16{};
+  Avx512Gemm<float> fp32{};
+  bool usable = false;  // CPU and ATen capability allow them, and they were compiled
+  bool amx = false;
+};
+
+const Kernels& kernels() {
+  static const Kernels k = [] {
+    Kernels out;
+    const auto cpu = cpu_features();
+    // AVX512 state saved by the OS and not turned down by ATEN_CPU_CAPABILITY.
+    out.usable = cpu.avx512_bf16 && at::get_cpu_capability() == "AVX512" &&
+                 fill_avx512_gemm(out.bf16, out.fp32);
+    out.amx = cpu.amx_bf16;
+    return out;
+  }();
+  return k;
+}
+
+std::string env_choice(const char* name, const char* fallback) {
+  const char* env = std::getenv(name);
+  return env == nullptr ? fallback : env;
+}
+
+// true: the kernel; false: the BLAS. "auto" takes the kernel where it was measured to win.
+bool want_kernel(const char* env_name, const std::string& choice) {
+  if (choice != "avx512" && choice != "auto") return false;
+  const Kernels& k = kernels();
+  TORCH_CHECK(k.usable || choice != "avx512", env_name,
+              "=avx512: this CPU or build has no AVX512-BF16 (or ATEN_CPU_CAPABILITY is below "
+              "avx512)");
+  return k.usable && (choice == "avx512" || !k.amx);
+}
+
+const std::string& fp32_choice() {
+  static const std::string choice = [] {
+    std::string c = env_choice("DSMOE_CPU_FP32_GEMM", "auto");
+    TORCH_CHECK(c == "auto" || c == "avx512" || c == "onednn" || c == "mkl",
+                "DSMOE_CPU_FP32_GEMM must be 'auto', 'avx512', 'onednn' or 'mkl', got '", c, "'");
+    return c;
+  }();
+  return choice;
+}
+
+}  // namespace
+
+bool cpu_has_avx512_bf16() { return cpu_features().avx512_bf16; }
+
+const Avx512Gemm<c10::BFloat16>* bf16_gemm_kernel() {
+  static const Avx512Gemm<c10::BFloat16>* chosen = [] {
+    const std::string c = env_choice("DSMOE_CPU_BF16_GEMM", "auto");
+    TORCH_CHECK(c == "auto" || c == "avx512" || c == "onednn",
+                "DSMOE_CPU_BF16_GEMM must be 'auto', 'onednn' or 'avx512', got '", c, "'");
+    return want_kernel("DSMOE_CPU_BF16_GEMM", c) ? &kernels().bf16 : nullptr;
+  }();
+  return chosen;
+}
+
+const Avx512Gemm<float>* fp32_gemm_kernel() {
+  static const Avx512Gemm<float>* chosen =
+      want_kernel("DSMOE_CPU_FP32_GEMM", fp32_choice()) ? &kernels().fp32 : nullptr;
+  return chosen;
+}
+
+const char* fp32_blas_choice() { return fp32_choice() == "mkl" ? "mkl" : "onednn"; }
+
+}  // namespace dsmoe::cpu
