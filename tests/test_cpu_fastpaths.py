@@ -318,3 +318,35 @@ def test_cpu_kernels_reports_choice():
     assert info["fp32_gemm"] in ("avx512", "onednn", "mkl")
     if "avx512" in (info["bf16_gemm"], info["fp32_gemm"]):
         assert info["cpu_avx512_bf16"]
+
+
+_CACHE_SCRIPT = r"""
+import torch
+from dsmoe import ops, reference
+from conftest import assert_close
+torch.manual_seed(0)
+# Outputs of 1-5 MiB, freed and requested again at other sizes: blocks are reused when they fit
+# (best fit, at most 1/8 to spare), evicted past the cap; every result must be fresh.
+for rows in (600, 2100, 2000, 1900, 700, 2100, 5000, 600):
+    gu = torch.randn(rows, 2 * 512)
+    want = reference.swiglu(gu)
+    got = ops.swiglu(gu)
+    assert_close(got, want, torch.float32)
+    got.resize_(rows + 10, 512)  # needs the storage's allocator
+    g = torch.randn(rows, 512)
+    gu64 = gu.double().requires_grad_()
+    (want_grad,) = torch.autograd.grad(reference.swiglu(gu64), gu64, g.double())
+    assert_close(torch.ops.dsmoe.swiglu_backward(g, gu), want_grad.float(), torch.float32)
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("cap_mb", ["0", "3", "64"])
+def test_caching_allocator_reuse_and_eviction(cap_mb):
+    # The ops' large outputs come from dsmoe's caching allocator (caching_allocator.h), its cap read
+    # once per process: off, smaller than the blocks (every block evicted), and holding several.
+    env = dict(os.environ, DSMOE_CPU_CACHE_MB=cap_mb)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT), env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-2000:]

@@ -1,6 +1,7 @@
-// CPU grouped GEMM and its weight gradient: BLAS calls (at::mm_out: MKL for fp32, oneDNN for
-// bf16/fp16, on AMX or AVX512-BF16 where the CPU has them) on views, with no copies of the
-// activations.
+// CPU grouped GEMM and its weight gradient, on views of the activations (no copies): per part of
+// a group, avx512_gemm.h's kernel (bf16 and fp32 on CPUs with AVX512-BF16 and no AMX) or a BLAS
+// call (at::mm_out / oneDNN: oneDNN for bf16/fp16 and, by default, fp32; MKL for the fp32 weight
+// gradient).
 //
 // Threads: each thread takes an equal contiguous range of the M rows (groups are contiguous in
 // rows) and runs single-threaded GEMMs on the parts of the groups inside its range; a group that
@@ -14,36 +15,27 @@
 // A part of at most kSmallGemmRows rows (decode; experts that got a few tokens) with an
 // nn.Linear-layout b runs vec_kernels.h's small_gemm_nt, which streams b once instead of packing
 // it; when every group has at most kColumnSplitRows rows (decode) threads split columns instead
-// of rows. bf16/fp16 GEMMs get their shapes from a small fixed set (kRowChunk), since oneDNN
-// builds a kernel per shape. The weight gradient, as large as the expert weights, gets memory
-// from WeightGradAllocator (huge pages, reused between steps).
+// of rows. GEMMs on oneDNN get their shapes from a small fixed set (kRowChunk), since oneDNN
+// builds a kernel per shape. Outputs come from caching_allocator.h (reused between steps).
 #include "../check.h"
 #include "../index_math.h"
 #include "../op_checks.h"
 
 #include "avx512_gemm.h"
+#include "caching_allocator.h"
 #include "vec_kernels.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/Context.h>
-#include <c10/core/Allocator.h>
 #include <torch/library.h>
 
 #include <dlfcn.h>
-#include <sys/mman.h>
-#include <unistd.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <functional>
-#include <map>
-#include <mutex>
 #include <string>
-#include <unordered_map>
 
 #include <algorithm>
 #include <vector>
@@ -71,100 +63,6 @@ std::vector<int64_t> read_offsets(const char* op, const at::Tensor& offsets, int
 
 // Fewer rows than this per thread: fewer threads (a GEMM of a few rows is latency, not work).
 constexpr int64_t kMinRowsPerThread = 8;
-
-// The allocator of the weight gradient. That gradient is as large as the routed weights (hundreds
-// of MB) and fresh memory every step (zero_grad sets .grad to None): with glibc, blocks over
-// 32 MB are always new mmaps, so every step paid a page fault per 4 KiB, taken inside the GEMM
-// threads; on this VM first touch runs at ~2.3 GB/s, which cost more than the GEMMs (2B layer
-// fp32: 164 ms for the wgrad of w_gate_up, 105 ms on huge pages, 60-90 ms with reused memory).
-// So blocks of 2 MiB and more are put on transparent huge pages (madvise; a no-op where THP is
-// off), and freed blocks are kept for the next allocation of the same size (the next step's
-// gradient), up to a cap: DSMOE_CPU_GRAD_CACHE_MB, default a quarter of physical memory up to
-// 4 GiB; 0 turns the cache off. The cached blocks are what the previous step's gradients held,
-// so the cache never raises the peak, it only keeps that memory between steps.
-class WeightGradAllocator final : public c10::Allocator {
- public:
-  static constexpr size_t kHugePage = size_t(2) << 20;
-
-  static WeightGradAllocator& get() {
-    static auto* instance = new WeightGradAllocator();  // never destroyed: outlives every tensor
-    return *instance;
-  }
-
-  c10::DataPtr allocate(size_t n) override {
-    if (n == 0) return {nullptr, nullptr, &release, c10::Device(c10::DeviceType::CPU)};
-    const size_t align = n >= kHugePage ? kHugePage : 64;
-    const size_t bytes = (n + align - 1) / align * align;
-    void* p = nullptr;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      auto it = free_.find(bytes);
-      if (it != free_.end()) {
-        p = it->second;
-        free_.erase(it);
-        cached_ -= bytes;
-      }
-    }
-    if (p == nullptr) {
-      TORCH_CHECK(posix_memalign(&p, align, bytes) == 0, "dsmoe: out of CPU memory allocating ",
-                  n, " bytes");
-      if (align == kHugePage) madvise(p, bytes, MADV_HUGEPAGE);
-    }
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      live_[p] = bytes;
-    }
-    return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
-  }
-  c10::DeleterFnPtr raw_deleter() const override { return &release; }
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
-    std::memcpy(dest, src, count);
-  }
-
- private:
-  WeightGradAllocator() : cap_(cache_cap()) {}
-
-  static size_t cache_cap() {
-    if (const char* env = std::getenv("DSMOE_CPU_GRAD_CACHE_MB")) {
-      return static_cast<size_t>(std::max(0LL, std::atoll(env))) << 20;
-    }
-    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
-    const size_t quarter = pages > 0 && page > 0 ? size_t(pages) * size_t(page) / 4 : 0;
-    return std::min(quarter, size_t(4) << 30);
-  }
-
-  static void release(void* p) {
-    if (p != nullptr) get().give_back(p);
-  }
-
-  void give_back(void* p) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      auto it = live_.find(p);
-      if (it != live_.end()) {
-        const size_t bytes = it->second;
-        live_.erase(it);
-        if (cached_ + bytes <= cap_) {
-          free_.emplace(bytes, p);
-          cached_ += bytes;
-          return;
-        }
-      }
-    }
-    std::free(p);
-  }
-
-  std::mutex mu_;
-  std::unordered_map<void*, size_t> live_;
-  std::multimap<size_t, void*> free_;
-  size_t cached_ = 0;
-  const size_t cap_;
-};
-
-at::Tensor empty_for_weight_grad(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return at::detail::empty_generic(sizes, &WeightGradAllocator::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   options.dtype().toScalarType(), c10::MemoryFormat::Contiguous);
-}
 
 // oneDNN, which at::mm runs for bf16/fp16, builds and JIT-compiles a primitive for every new GEMM
 // shape (~0.4 ms each, measured here), and in training the group sizes change every step: a bf16
@@ -311,7 +209,7 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b, const a
   const auto a = a_in.contiguous();
   const int64_t M = a.size(0), N = trans_b ? b.size(1) : b.size(2);
   const auto off = read_offsets("grouped_gemm", offsets, M);
-  auto c = at::empty({M, N}, a.options());
+  auto c = cpu::empty_cached({M, N}, a.options());
   if (M == 0 || N == 0) return c;
   // Parts of a few rows: one pass over b's rows (see vec_kernels.h), when b is nn.Linear-layout.
   std::function<void(int64_t, int64_t, int64_t, int64_t, int64_t)> small;  // g, rows, columns
@@ -407,8 +305,8 @@ at::Tensor grouped_gemm_wgrad_cpu(const at::Tensor& a_in, const at::Tensor& grad
   const auto grad_c = grad_c_in.contiguous();
   const int64_t E = offsets.size(0) - 1, K = a.size(1), N = grad_c.size(1);
   const auto off = read_offsets("grouped_gemm_wgrad", offsets, a.size(0));
-  auto out = trans_b ? empty_for_weight_grad({E, N, K}, a.options())
-                     : empty_for_weight_grad({E, K, N}, a.options());
+  auto out = trans_b ? cpu::empty_cached({E, N, K}, a.options())
+                     : cpu::empty_cached({E, K, N}, a.options());
   if (K == 0 || N == 0) return out;
   // Empty groups get a zero gradient; the others are written whole below.
   for (int64_t g = 0; g < E; ++g) {

@@ -9,6 +9,8 @@
 // loops here.
 #include "../check.h"
 #include "../op_checks.h"
+
+#include "caching_allocator.h"
 #include "vec_kernels.h"
 
 #include <ATen/Dispatch.h>
@@ -74,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& x_i
   const auto x = x_in.contiguous();
   const auto ids = ids_in.contiguous();
   const int64_t T = x.size(0), h = x.size(1), k = ids.size(1), M = T * k, E = num_experts;
-  auto x_perm = at::empty({M, h}, x.options());
+  auto x_perm = cpu::empty_cached({M, h}, x.options());
   auto row_map = at::empty({M}, ids.options());
   auto offsets = at::empty({E + 1}, ids.options());
   const int32_t* id_p = ids.data_ptr<int32_t>();
@@ -111,7 +113,7 @@ at::Tensor permute_backward_cpu(const at::Tensor& grad_in, const at::Tensor& row
   const auto row_map = row_map_in.contiguous();
   check_row_map_values("permute_backward", row_map);
   const int64_t T = grad.size(0) / k, h = grad.size(1);
-  auto out = at::empty({T, h}, grad.options());
+  auto out = cpu::empty_cached({T, h}, grad.options());
   if (T == 0 || h == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "dsmoe_permute_backward_cpu", [&] {
     gather_sum_rows<scalar_t>(grad.data_ptr<scalar_t>(), row_map.data_ptr<int32_t>(), nullptr, T,
@@ -132,7 +134,7 @@ at::Tensor unpermute_cpu(const at::Tensor& y_perm_in, const at::Tensor& row_map_
   check_row_map_values("unpermute", row_map);
   const auto weights = weights_in.contiguous().to(acc_dtype_of(y_perm));
   const int64_t T = weights.size(0), k = weights.size(1), h = y_perm.size(1);
-  auto out = at::empty({T, h}, y_perm.options());
+  auto out = cpu::empty_cached({T, h}, y_perm.options());
   if (T == 0 || h == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y_perm.scalar_type(), "dsmoe_unpermute_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -154,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad
   const auto acc_dtype = acc_dtype_of(y_perm);
   const auto weights = weights_in.contiguous().to(acc_dtype);
   const int64_t T = weights.size(0), k = weights.size(1), h = y_perm.size(1);
-  auto grad_y_perm = at::empty_like(y_perm);
+  auto grad_y_perm = cpu::empty_cached_like(y_perm);
   auto grad_weights = at::empty({T, k}, weights.options());
   if (T > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y_perm.scalar_type(), "dsmoe_unpermute_backward_cpu", [&] {

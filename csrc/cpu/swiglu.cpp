@@ -5,6 +5,8 @@
 #include "../check.h"
 #include "../index_math.h"
 #include "../op_checks.h"
+
+#include "caching_allocator.h"
 #include "vec_kernels.h"
 
 #include <ATen/Dispatch.h>
@@ -21,7 +23,7 @@ at::Tensor swiglu_cpu(const at::Tensor& gate_up_in) {
   check_swiglu_args("swiglu", gate_up_in);
   const auto gate_up = gate_up_in.contiguous();
   const int64_t M = gate_up.size(0), I = gate_up.size(1) / 2;
-  auto out = at::empty({M, I}, gate_up.options());
+  auto out = cpu::empty_cached({M, I}, gate_up.options());
   if (M == 0 || I == 0) return out;
   const int64_t row_grain = std::max<int64_t>(1, kElemGrain / I);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "dsmoe_swiglu_cpu", [&] {
@@ -55,7 +57,7 @@ at::Tensor swiglu_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
   const auto gate_up = gate_up_in.contiguous();
   const auto grad_out = grad_out_in.contiguous().to(gate_up.scalar_type());
   const int64_t M = gate_up.size(0), I = gate_up.size(1) / 2;
-  auto grad = at::empty_like(gate_up);
+  auto grad = cpu::empty_cached_like(gate_up);
   if (M == 0 || I == 0) return grad;
   const int64_t row_grain = std::max<int64_t>(1, kElemGrain / I);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "dsmoe_swiglu_backward_cpu", [&] {
