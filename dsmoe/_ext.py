@@ -3,6 +3,7 @@ line a build made against another torch instead of failing with an undefined sym
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -38,3 +39,24 @@ def cpu_kernels() -> dict:
     the default on CPUs with AVX512-BF16 and no AMX), else 'onednn' (or 'mkl' for fp32), as
     ``DSMOE_CPU_BF16_GEMM`` / ``DSMOE_CPU_FP32_GEMM`` may choose; and ``cpu_avx512_bf16``."""
     return dict(_C.cpu_kernels())
+
+
+def huge_pages_enabled() -> bool:
+    """Whether dsmoe puts CPU expert weights on transparent huge pages (``DSMOE_CPU_HUGE_PAGES``,
+    default on; ``0`` turns it off)."""
+    return os.environ.get("DSMOE_CPU_HUGE_PAGES", "1") != "0"
+
+
+def empty_huge_pages(shape, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised contiguous CPU tensor on transparent huge pages where it spans 2 MiB or
+    more (a hint the kernel may ignore; THP off: ordinary pages). For long-lived tensors read in
+    streams, such as expert weights: on 4 KiB pages the hardware prefetchers stop at every page
+    (docs/cpu_performance.md)."""
+    return _C.empty_huge_pages_like(torch.empty(shape, dtype=dtype, device="meta"))
+
+
+def advise_huge_pages(t: torch.Tensor, collapse: bool = False) -> bool:
+    """Asks the kernel to back ``t``'s memory (its 2 MiB-aligned part) with huge pages; with
+    ``collapse``, now (MADV_COLLAPSE, Linux >= 6.1, ~3 ms per MB). Returns whether it took the
+    hint; the contents are unchanged."""
+    return bool(_C.advise_huge_pages(t, collapse))

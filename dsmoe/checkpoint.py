@@ -302,7 +302,7 @@ def load_pretrained(cls, path: Union[str, os.PathLike], *, dtype: Optional[torch
     for layer in model.moe_layers():  # the selection bias stays fp32, as the gate op reads it
         if layer.gate.e_score_correction_bias is not None:
             layer.gate.e_score_correction_bias = layer.gate.e_score_correction_bias.float()
-    model.to_empty(device=device)
+    model.to_empty(device=device)  # expert weights land on huge pages (RoutedExperts._apply)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     load_state_into(model, directory)

@@ -350,3 +350,49 @@ def test_caching_allocator_reuse_and_eviction(cap_mb):
     r = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-2000:]
+
+
+def test_huge_page_tensors_are_normal_tensors():
+    from dsmoe._ext import advise_huge_pages, empty_huge_pages
+
+    t = empty_huge_pages((3, 1024, 1024), torch.bfloat16)  # 6 MiB: huge-page aligned
+    assert t.shape == (3, 1024, 1024) and t.dtype == torch.bfloat16 and t.is_contiguous()
+    assert t.data_ptr() % (2 << 20) == 0
+    t.fill_(2.0)
+    assert t.float().sum().item() == 2.0 * t.numel()
+    t.resize_(4, 1024, 1024)  # needs the storage's allocator
+    small = empty_huge_pages((5, 7), torch.float32)
+    small.copy_(torch.arange(35.0).view(5, 7))
+    assert small[4, 6].item() == 34.0
+    x = torch.randn(3000, 1000)
+    before = x.clone()
+    assert isinstance(advise_huge_pages(x), bool) and isinstance(advise_huge_pages(x, collapse=True), bool)
+    assert torch.equal(x, before)  # a hint only
+    with pytest.raises(RuntimeError, match="expected a CPU tensor"):
+        advise_huge_pages(torch.empty(4, device="meta"))
+    del t, small
+
+
+def test_expert_weights_on_huge_pages_keep_their_values():
+    # RoutedExperts puts CPU expert weights of 2 MiB or more on huge pages at construction and
+    # after every conversion; the values, the Parameter objects and training are unaffected.
+    from dsmoe.layers import RoutedExperts
+
+    torch.manual_seed(0)
+    m = RoutedExperts(8, 256, 512)  # w_gate_up 4 MiB in fp32
+    assert m.w_gate_up.data_ptr() % (2 << 20) == 0
+    params = list(m.parameters())
+    want = m.w_gate_up.detach().clone()
+    m.to(torch.bfloat16)
+    assert list(m.parameters())[0] is params[0] and m.w_gate_up.dtype == torch.bfloat16
+    assert torch.equal(m.w_gate_up.detach(), want.bfloat16())
+    assert m.w_gate_up.data_ptr() % (2 << 20) == 0
+    m.float()
+    x = torch.randn(40, 256)
+    ids = torch.stack([torch.randperm(8)[:2] for _ in range(40)]).to(torch.int32)
+    w = torch.rand(40, 2)
+    y = m(x, w, ids)
+    ref = reference.moe_infer(x, ids.long(), w, m.w_gate_up, m.w_down)
+    assert_close(y, ref, torch.float32, scale=4)
+    y.sum().backward()
+    assert m.w_gate_up.grad is not None and m.w_gate_up.grad.shape == m.w_gate_up.shape

@@ -52,7 +52,15 @@ struct Avx512Gemm {
   // larger a: pack + gemm.
   void (*gemm_streamed)(const T* a, int64_t lda, const T* b, int64_t ldb, bool b_nk, int64_t N,
                         int64_t K, T* c, int64_t ldc, int64_t M, uint32_t* panel);
+  // vec_kernels.h's small_gemm_nt contract (c[r * ldc + n] = a[r, :] . b[n, :], a [rows, K] and
+  // b [N, K] contiguous), for rows of a few tokens: b read once from memory, four of its rows per
+  // pass, the next four prefetched; bf16 pairs multiplied as stored (no conversion).
+  void (*small_gemm_nt)(const T* a, const T* b, T* c, int64_t ldc, int64_t rows, int64_t N,
+                        int64_t K);
 };
+
+// Rows of a per small_gemm_nt pass over b.
+inline constexpr int64_t kSmallGemmMaxRows = 4;
 
 // The kernels, or nullptr where the BLAS is chosen: no AVX512-BF16, AMX present, ATen's CPU
 // capability below AVX512 (ATEN_CPU_CAPABILITY), or the environment says so:

@@ -4,6 +4,7 @@
 #include "avx512_gemm.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <c10/util/BFloat16.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -56,6 +57,18 @@ struct Bf16Ops {
   static void store(Bits* c, __mmask16 m, __m512 acc) {
     _mm256_mask_storeu_epi16(c, m, (__m256i)_mm512_cvtneps_pbh(acc));
   }
+  static void store1(Bits* c, float v) {
+    const c10::BFloat16 x(v);  // round to nearest even, as the tiles' cvtneps
+    std::memcpy(c, &x, sizeof(x));
+  }
+  static void store4(Bits* c, __m128 v) {
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(c), (__m128i)_mm_cvtneps_pbh(v));
+  }
+  // Elements per 512-bit vector, and one vector of a row from element k, zero past n elements.
+  static constexpr int64_t kVecElems = 32;
+  static __m512i load_chunk(const Bits* p, int64_t n) {
+    return n >= 32 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(half_mask(n), p);
+  }
   // b [K, N]: words (p, n0..n0+31) = (b[2p][n], b[2p+1][n]): two rows interleaved.
   static void pack_kn_row(const Bits* b, int64_t ldb, int64_t K, int64_t p, int64_t cols, uint32_t* out) {
     const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
@@ -84,6 +97,12 @@ struct Fp32Ops {
     return _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b), acc);
   }
   static void store(Bits* c, __mmask16 m, __m512 acc) { _mm512_mask_storeu_ps(c, m, acc); }
+  static void store1(Bits* c, float v) { *c = v; }
+  static void store4(Bits* c, __m128 v) { _mm_storeu_ps(c, v); }
+  static constexpr int64_t kVecElems = 16;
+  static __m512i load_chunk(const Bits* p, int64_t n) {
+    return _mm512_castps_si512(n >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(lane_mask(n), p));
+  }
   // b [K, N]: words (p, n0..n0+31) = b[p][n]: a row copied.
   static void pack_kn_row(const Bits* b, int64_t ldb, int64_t, int64_t p, int64_t cols, uint32_t* out) {
     const Bits* row = b + p * ldb;
@@ -328,11 +347,99 @@ void gemm_streamed(const T* a_in, int64_t lda, const T* b_in, int64_t ldb, bool 
   }
 }
 
+// Rows of a few tokens (decode): c[r, n] = dot(a[r, :], b[n, :]) for ROWS rows and b [N, K]
+// (nn.Linear layout) read once, in order, straight from memory: nothing to pack for a product
+// this small. For bf16 vdpbf16ps multiplies the stored pairs as they are (no conversion). Each
+// dot product runs two accumulators (even and odd chunks) so that one row of a is not bound by
+// the multiply-add latency; four rows of b are summed across lanes together.
+constexpr int kSmallWeightRows = 4;
+
+// (sum of v[0], ..., sum of v[3]).
+inline __m128 sum4(const __m512 v[4]) {
+  __m128 q[4];
+  for (int j = 0; j < 4; ++j) {
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v[j]),
+                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v[j]), 1)));
+    q[j] = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  }
+  return _mm_hadd_ps(_mm_hadd_ps(q[0], q[1]), _mm_hadd_ps(q[2], q[3]));
+}
+
+// done[r] = a[r, :] . b_row, lanes not yet summed.
+template <typename Ops, int ROWS>
+inline void small_dot(const typename Ops::Bits* a, int64_t lda, const typename Ops::Bits* b_row,
+                      int64_t K, __m512 (&done)[ROWS]) {
+  constexpr int64_t V = Ops::kVecElems;
+  __m512 even[ROWS], odd[ROWS];
+#pragma GCC unroll 4
+  for (int r = 0; r < ROWS; ++r) even[r] = odd[r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 2 * V <= K; k += 2 * V) {
+    const __m512i w0 = _mm512_loadu_si512(b_row + k);
+    const __m512i w1 = _mm512_loadu_si512(b_row + k + V);
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; ++r) {
+      even[r] = Ops::madd(even[r], _mm512_loadu_si512(a + r * lda + k), w0);
+      odd[r] = Ops::madd(odd[r], _mm512_loadu_si512(a + r * lda + k + V), w1);
+    }
+  }
+  for (; k < K; k += V) {
+    const __m512i w = Ops::load_chunk(b_row + k, K - k);
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; ++r) even[r] = Ops::madd(even[r], Ops::load_chunk(a + r * lda + k, K - k), w);
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < ROWS; ++r) done[r] = _mm512_add_ps(even[r], odd[r]);
+}
+
+template <typename Ops, int ROWS>
+void small_rows(const typename Ops::Bits* a, int64_t lda, const typename Ops::Bits* b, int64_t ldb,
+                typename Ops::Bits* c, int64_t ldc, int64_t N, int64_t K) {
+  constexpr int NB = kSmallWeightRows;
+  int64_t n = 0;
+  for (; n + NB <= N; n += NB) {
+    __m512 done[NB][ROWS];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) small_dot<Ops, ROWS>(a, lda, b + (n + j) * ldb, K, done[j]);
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512 v[NB] = {done[0][r], done[1][r], done[2][r], done[3][r]};
+      Ops::store4(c + r * ldc + n, sum4(v));
+    }
+  }
+  for (; n < N; ++n) {  // the last N % 4 rows of b
+    __m512 done[ROWS];
+    small_dot<Ops, ROWS>(a, lda, b + n * ldb, K, done);
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; ++r) Ops::store1(c + r * ldc + n, _mm512_reduce_add_ps(done[r]));
+  }
+}
+
+template <typename T, typename Ops>
+void small_gemm_nt(const T* a_in, const T* b_in, T* c_in, int64_t ldc, int64_t rows, int64_t N,
+                   int64_t K) {
+  const auto* a = reinterpret_cast<const typename Ops::Bits*>(a_in);
+  const auto* b = reinterpret_cast<const typename Ops::Bits*>(b_in);
+  auto* c = reinterpret_cast<typename Ops::Bits*>(c_in);
+  for (int64_t r0 = 0; r0 < rows; r0 += kSmallGemmMaxRows) {
+    const auto* ar = a + r0 * K;
+    auto* cr = c + r0 * ldc;
+    static_assert(kSmallGemmMaxRows == 4, "one case per row count");
+    switch (std::min<int64_t>(kSmallGemmMaxRows, rows - r0)) {
+      case 1: small_rows<Ops, 1>(ar, K, b, K, cr, ldc, N, K); break;
+      case 2: small_rows<Ops, 2>(ar, K, b, K, cr, ldc, N, K); break;
+      case 3: small_rows<Ops, 3>(ar, K, b, K, cr, ldc, N, K); break;
+      default: small_rows<Ops, 4>(ar, K, b, K, cr, ldc, N, K); break;
+    }
+  }
+}
+
 template <typename T, typename Ops>
 void fill(Avx512Gemm<T>& out) {
   out.pack = &pack<T, Ops>;
   out.gemm = &gemm<T, Ops>;
   out.gemm_streamed = &gemm_streamed<T, Ops>;
+  out.small_gemm_nt = &small_gemm_nt<T, Ops>;
 }
 
 }  // namespace

@@ -7,6 +7,10 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25  // Linux >= 6.1; older glibc headers lack it, older kernels refuse it
+#endif
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -22,17 +26,22 @@ class CachingCpuAllocator final : public c10::Allocator {
   static constexpr size_t kMinCached = size_t(1) << 20;
   static constexpr size_t kHugePage = size_t(2) << 20;
 
+  // The caching instance, and one that caches nothing (cap 0: long-lived tensors).
   static CachingCpuAllocator& get() {
-    static auto* instance = new CachingCpuAllocator();  // never destroyed: outlives every tensor
+    static auto* instance = new CachingCpuAllocator(cache_cap());  // never destroyed: outlives every tensor
+    return *instance;
+  }
+  static CachingCpuAllocator& uncached() {
+    static auto* instance = new CachingCpuAllocator(0);
     return *instance;
   }
 
   c10::DataPtr allocate(size_t n) override {
-    if (n == 0) return {nullptr, nullptr, &release, c10::Device(c10::DeviceType::CPU)};
+    if (n == 0) return {nullptr, nullptr, deleter_, c10::Device(c10::DeviceType::CPU)};
     const size_t align = n >= kHugePage ? kHugePage : 64;
     size_t bytes = (n + align - 1) / align * align;
     void* p = nullptr;
-    if (bytes >= kMinCached) {
+    if (bytes >= kMinCached && cap_ > 0) {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = free_.lower_bound(bytes);  // the smallest cached block that fits
       if (it != free_.end() && it->first <= bytes + bytes / 8) {
@@ -51,9 +60,9 @@ class CachingCpuAllocator final : public c10::Allocator {
       std::lock_guard<std::mutex> lock(mu_);
       live_[p] = bytes;
     }
-    return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
+    return {p, p, deleter_, c10::Device(c10::DeviceType::CPU)};
   }
-  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+  c10::DeleterFnPtr raw_deleter() const override { return deleter_; }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     std::memcpy(dest, src, count);
   }
@@ -64,7 +73,7 @@ class CachingCpuAllocator final : public c10::Allocator {
     uint64_t freed_at;  // for least-recently-freed eviction
   };
 
-  CachingCpuAllocator() : cap_(cache_cap()) {}
+  explicit CachingCpuAllocator(size_t cap) : cap_(cap) {}
 
   static size_t cache_cap() {
     // DSMOE_CPU_GRAD_CACHE_MB: the name of the weight-gradient-only cache this replaced.
@@ -81,6 +90,9 @@ class CachingCpuAllocator final : public c10::Allocator {
   static void release(void* p) {
     if (p != nullptr) get().give_back(p);
   }
+  static void release_uncached(void* p) {
+    if (p != nullptr) uncached().give_back(p);
+  }
 
   void give_back(void* p) {
     std::vector<void*> evicted;
@@ -90,7 +102,7 @@ class CachingCpuAllocator final : public c10::Allocator {
       if (it != live_.end()) {
         const size_t bytes = it->second;
         live_.erase(it);
-        if (bytes <= cap_) {
+        if (bytes <= cap_) {  // (never with cap_ 0)
           free_.emplace(bytes, Block{p, ++clock_});
           cached_ += bytes;
           p = nullptr;
@@ -115,9 +127,30 @@ class CachingCpuAllocator final : public c10::Allocator {
   size_t cached_ = 0;
   uint64_t clock_ = 0;
   const size_t cap_;
+  // Each instance's blocks go back to it (the deleter is a plain function pointer).
+  const c10::DeleterFnPtr deleter_ = cap_ > 0 ? &release : &release_uncached;
 };
 
 }  // namespace
+
+at::Tensor empty_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::detail::empty_generic(sizes, &CachingCpuAllocator::uncached(),
+                                   c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   options.dtype().toScalarType(), c10::MemoryFormat::Contiguous);
+}
+
+bool advise_huge_pages(const at::Tensor& t, bool collapse) {
+  TORCH_CHECK(t.device().is_cpu(), "advise_huge_pages: expected a CPU tensor, got ", t.device());
+  const size_t huge = CachingCpuAllocator::kHugePage;
+  const auto begin = reinterpret_cast<uintptr_t>(t.storage().data());
+  const auto end = begin + t.storage().nbytes();
+  const uintptr_t lo = (begin + huge - 1) / huge * huge, hi = end / huge * huge;
+  if (hi <= lo) return false;
+  void* p = reinterpret_cast<void*>(lo);
+  bool ok = madvise(p, hi - lo, MADV_HUGEPAGE) == 0;
+  if (ok && collapse) ok = madvise(p, hi - lo, MADV_COLLAPSE) == 0;
+  return ok;
+}
 
 at::Tensor empty_cached(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return at::detail::empty_generic(sizes, &CachingCpuAllocator::get(),

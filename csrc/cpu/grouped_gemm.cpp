@@ -36,6 +36,7 @@
 
 #include <functional>
 #include <string>
+#include <type_traits>
 
 #include <algorithm>
 #include <vector>
@@ -181,25 +182,40 @@ void for_each_row_share(const std::vector<int64_t>& off, const Fn& fn) {
   });
 }
 
-// c[lo:hi] = a[lo:hi] @ (group g of b) with avx512_gemm.h's kernel: streamed (weight packed a
-// panel at a time under the arithmetic) when the rows of a fit kStreamedMaxBytes, else the whole
-// weight packed first. Scratch is per thread.
+// c[lo:hi, n0:n1] = a[lo:hi] @ (group g of b)[:, n0:n1] with avx512_gemm.h's kernel: streamed
+// (weight packed a panel at a time under the arithmetic) when the rows of a fit kStreamedMaxBytes,
+// else the whole weight packed first. Scratch is per thread.
 template <typename T>
 void avx512_gemm_part(const cpu::Avx512Gemm<T>& kernel, const at::Tensor& a, const at::Tensor& b,
-                      at::Tensor& c, int64_t g, int64_t lo, int64_t hi, bool trans_b) {
-  const int64_t K = a.size(1), N = c.size(1);
+                      at::Tensor& c, int64_t g, int64_t lo, int64_t hi, bool trans_b, int64_t n0,
+                      int64_t n1) {
+  const int64_t K = a.size(1), N = c.size(1), cols = n1 - n0;
   const T* ap = a.const_data_ptr<T>() + lo * K;
-  const T* bp = b.const_data_ptr<T>() + g * N * K;
-  T* cp = c.mutable_data_ptr<T>() + lo * N;
+  const T* bp = b.const_data_ptr<T>() + g * N * K + (trans_b ? n0 * K : n0);
+  T* cp = c.mutable_data_ptr<T>() + lo * N + n0;
   const int64_t ldb = trans_b ? K : N;
   thread_local std::vector<uint32_t> packed;
   if ((hi - lo) * K * static_cast<int64_t>(sizeof(T)) <= kStreamedMaxBytes) {
     packed.resize(cpu::panel_words<T>(K));
-    kernel.gemm_streamed(ap, K, bp, ldb, trans_b, N, K, cp, N, hi - lo, packed.data());
+    kernel.gemm_streamed(ap, K, bp, ldb, trans_b, cols, K, cp, N, hi - lo, packed.data());
   } else {
-    packed.resize(cpu::packed_words<T>(N, K));
-    kernel.pack(bp, ldb, trans_b, N, K, packed.data());
-    kernel.gemm(ap, K, packed.data(), N, K, cp, N, hi - lo);
+    packed.resize(cpu::packed_words<T>(cols, K));
+    kernel.pack(bp, ldb, trans_b, cols, K, packed.data());
+    kernel.gemm(ap, K, packed.data(), cols, K, cp, N, hi - lo);
+  }
+}
+
+// avx512_gemm.h's small_gemm_nt for T when it runs here, else nullptr (a template, so that the
+// branches for other types are discarded inside AT_DISPATCH).
+template <typename T>
+auto own_small_gemm_nt(const cpu::Avx512Gemm<at::BFloat16>* bf16, const cpu::Avx512Gemm<float>* fp32)
+    -> decltype(cpu::VecKernels<T>::small_gemm_nt) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    return bf16 != nullptr ? bf16->small_gemm_nt : nullptr;
+  } else if constexpr (std::is_same_v<T, float>) {
+    return fp32 != nullptr ? fp32->small_gemm_nt : nullptr;
+  } else {
+    return nullptr;
   }
 }
 
@@ -211,12 +227,22 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b, const a
   const auto off = read_offsets("grouped_gemm", offsets, M);
   auto c = cpu::empty_cached({M, N}, a.options());
   if (M == 0 || N == 0) return c;
-  // Parts of a few rows: one pass over b's rows (see vec_kernels.h), when b is nn.Linear-layout.
+  // On AVX512-BF16 CPUs without AMX, bf16 and fp32 run avx512_gemm.h's kernel (no shape
+  // buckets needed: it has no per-shape cost). Every choice is read before any GEMM, so that a bad
+  // DSMOE_CPU_FP32_GEMM or DSMOE_CPU_BF16_GEMM is refused on every path.
+  const cpu::Avx512Gemm<at::BFloat16>* bf16_kernel =
+      a.scalar_type() == at::kBFloat16 ? cpu::bf16_gemm_kernel() : nullptr;
+  const cpu::Avx512Gemm<float>* fp32_kernel =
+      a.scalar_type() == at::kFloat ? cpu::fp32_gemm_kernel() : nullptr;
+  const bool own_kernel = b.is_contiguous() && (bf16_kernel != nullptr || fp32_kernel != nullptr);
+  // Parts of a few rows: one pass over b's rows (see vec_kernels.h; avx512_gemm.h's where it
+  // runs), when b is nn.Linear-layout.
   std::function<void(int64_t, int64_t, int64_t, int64_t, int64_t)> small;  // g, rows, columns
   if (trans_b && b.is_contiguous()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "dsmoe_grouped_gemm_small", [&] {
       if (const auto* vec = cpu::vec_kernels_or_null<scalar_t>()) {
-        const auto fn = vec->small_gemm_nt;
+        auto fn = vec->small_gemm_nt;
+        if (const auto own = own_small_gemm_nt<scalar_t>(bf16_kernel, fp32_kernel)) fn = own;
         const scalar_t* ap = a.data_ptr<scalar_t>();
         const scalar_t* bp = b.data_ptr<scalar_t>();
         scalar_t* cp = c.data_ptr<scalar_t>();
@@ -227,14 +253,6 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b, const a
       }
     });
   }
-  // On AVX512-BF16 CPUs without AMX, bf16 and fp32 run avx512_gemm.h's kernel (no shape
-  // buckets needed: it has no per-shape cost). Every choice is read before any GEMM, so that a bad
-  // DSMOE_CPU_FP32_GEMM or DSMOE_CPU_BF16_GEMM is refused on every path.
-  const cpu::Avx512Gemm<at::BFloat16>* bf16_kernel =
-      a.scalar_type() == at::kBFloat16 ? cpu::bf16_gemm_kernel() : nullptr;
-  const cpu::Avx512Gemm<float>* fp32_kernel =
-      a.scalar_type() == at::kFloat ? cpu::fp32_gemm_kernel() : nullptr;
-  const bool own_kernel = b.is_contiguous() && (bf16_kernel != nullptr || fp32_kernel != nullptr);
   const bool on_onednn = is_reduced_float(a.scalar_type()) ||
                          (a.scalar_type() == at::kFloat && onednn_fp32_matmul() != nullptr);
   // Decode (every group a few rows): the work is reading the weights of the groups that got rows,
@@ -254,6 +272,10 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b, const a
           if (hi == lo) continue;
           if (hi - lo <= cpu::kSmallGemmRows) {
             small(g, lo, hi, n0, n1);
+          } else if (own_kernel && bf16_kernel != nullptr) {
+            avx512_gemm_part(*bf16_kernel, a, b, c, g, lo, hi, trans_b, n0, n1);
+          } else if (own_kernel) {
+            avx512_gemm_part(*fp32_kernel, a, b, c, g, lo, hi, trans_b, n0, n1);
           } else {
             auto part = c.narrow(0, lo, hi - lo).narrow(1, n0, n1 - n0);
             at::mm_out(part, a.narrow(0, lo, hi - lo), b.select(0, g).narrow(0, n0, n1 - n0).t());
@@ -270,9 +292,9 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b, const a
     }
     if (own_kernel) {
       if (bf16_kernel != nullptr) {
-        avx512_gemm_part(*bf16_kernel, a, b, c, g, lo, hi, trans_b);
+        avx512_gemm_part(*bf16_kernel, a, b, c, g, lo, hi, trans_b, 0, N);
       } else {
-        avx512_gemm_part(*fp32_kernel, a, b, c, g, lo, hi, trans_b);
+        avx512_gemm_part(*fp32_kernel, a, b, c, g, lo, hi, trans_b, 0, N);
       }
       return;
     }
