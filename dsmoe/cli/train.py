@@ -189,9 +189,13 @@ class Trainer:
         self.param_names = [n for n, _ in self.model.named_parameters()]
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
+        # On CPU torch defaults to AdamW's per-parameter loop; its fused kernel made a step of
+        # DESIGN.md's 42.6M model ~11% faster here (855 -> 760 ms, bf16). Not for the sharded
+        # (DTensor) parameters of expert parallelism.
+        fused = True if self.device.type == "cpu" and dist is None else None
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": a["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr_at(0, a), betas=(0.9, 0.95), eps=1e-8,
+            lr=lr_at(0, a), betas=(0.9, 0.95), eps=1e-8, fused=fused,
         )
         self.step = 0
         self.tokens = 0
@@ -205,6 +209,8 @@ class Trainer:
             try:
                 if opt_state is not None:
                     self.optimizer.load_state_dict(opt_state)
+                    for group in self.optimizer.param_groups:  # this run's choice, whatever saved it
+                        group["fused"] = fused
             except (ValueError, KeyError, RuntimeError) as e:
                 raise CLIError(f"checkpoint {resume_from}: bad optimizer state ({e})") from None
             self.step, self.tokens, self.elapsed = int(state["step"]), int(state["tokens"]), float(state["elapsed_s"])
