@@ -219,15 +219,12 @@ print("OK")
 """
 
 
-@pytest.mark.parametrize("backend", ["avx512", "onednn", "mkl"])
-def test_grouped_gemm_fp32_backends(backend):
-    # fp32 GEMMs run on dsmoe's AVX512 kernel where the CPU has AVX512-BF16 and no AMX, else on
-    # oneDNN, or on MKL with DSMOE_CPU_FP32_GEMM=mkl (read once per process, so each runs in a
-    # process of its own); all give the reference's answers.
-    env = dict(os.environ, DSMOE_CPU_FP32_GEMM=backend)
+def _run_backend_script(variable, backend, script):
+    # The GEMM backend is read once per process: run the script in a process of its own. It
+    # prints "KERNEL <what runs>" and "OK"; avx512 on a CPU without AVX512-BF16 must be refused.
+    env = dict(os.environ, **{variable: backend})
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT), env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", _FP32_GEMM_SCRIPT], env=env, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     import dsmoe
 
     if backend == "avx512" and not dsmoe.cpu_kernels()["cpu_avx512_bf16"]:
@@ -237,14 +234,25 @@ def test_grouped_gemm_fp32_backends(backend):
     assert f"KERNEL {backend}" in r.stdout
 
 
-def test_grouped_gemm_fp32_backend_bad_value():
-    env = dict(os.environ, DSMOE_CPU_FP32_GEMM="cublas")
+@pytest.mark.parametrize("backend", ["avx512", "onednn", "mkl"])
+def test_grouped_gemm_fp32_backends(backend):
+    # fp32 GEMMs run on dsmoe's AVX512 kernel where the CPU has AVX512-BF16 and no AMX, else on
+    # oneDNN, or on MKL with DSMOE_CPU_FP32_GEMM=mkl; all give the reference's answers.
+    _run_backend_script("DSMOE_CPU_FP32_GEMM", backend, _FP32_GEMM_SCRIPT)
+
+
+@pytest.mark.parametrize("variable, dtype, message", [
+    ("DSMOE_CPU_FP32_GEMM", "float32", "DSMOE_CPU_FP32_GEMM must be 'auto', 'avx512', 'onednn' or 'mkl'"),
+    ("DSMOE_CPU_BF16_GEMM", "bfloat16", "DSMOE_CPU_BF16_GEMM must be 'auto', 'onednn' or 'avx512'"),
+])
+def test_grouped_gemm_backend_bad_value(variable, dtype, message):
+    env = dict(os.environ, **{variable: "cublas"})
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    code = ("import torch; from dsmoe import ops; "
-            "ops.grouped_gemm(torch.randn(4, 8), torch.randn(1, 8, 8), torch.tensor([0, 4], dtype=torch.int32), True)")
+    code = (f"import torch; from dsmoe import ops; dt = torch.{dtype}; "
+            "ops.grouped_gemm(torch.randn(4, 8, dtype=dt), torch.randn(1, 8, 8, dtype=dt), "
+            "torch.tensor([0, 4], dtype=torch.int32), True)")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "DSMOE_CPU_FP32_GEMM must be 'auto', 'avx512', 'onednn' or 'mkl'" in r.stderr, \
-        r.stderr[-2000:]
+    assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
 
 
 _BF16_GEMM_SCRIPT = r"""
@@ -283,30 +291,8 @@ print("OK")
 @pytest.mark.parametrize("backend", ["onednn", "avx512"])
 def test_grouped_gemm_bf16_backends(backend):
     # bf16 GEMMs run on dsmoe's AVX512-BF16 kernel where the CPU has it and no AMX, else on oneDNN
-    # (avx512_gemm.h; chosen once per process, so each runs in a process of its own).
-    env = dict(os.environ, DSMOE_CPU_BF16_GEMM=backend)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT), env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", _BF16_GEMM_SCRIPT], env=env, capture_output=True, text=True,
-                       timeout=600)
-    import dsmoe
-
-    if backend == "avx512" and not dsmoe.cpu_kernels()["cpu_avx512_bf16"]:
-        assert r.returncode != 0 and "no AVX512-BF16" in r.stderr, r.stderr[-2000:]
-        return
-    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-2000:]
-    want = "avx512" if backend == "avx512" else "onednn"
-    assert f"KERNEL {want}" in r.stdout
-
-
-def test_grouped_gemm_bf16_backend_bad_value():
-    env = dict(os.environ, DSMOE_CPU_BF16_GEMM="amx")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    code = ("import torch; from dsmoe import ops; "
-            "ops.grouped_gemm(torch.randn(4, 8).bfloat16(), torch.randn(1, 8, 8).bfloat16(), "
-            "torch.tensor([0, 4], dtype=torch.int32), True)")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "DSMOE_CPU_BF16_GEMM must be 'auto', 'onednn' or 'avx512'" in r.stderr, \
-        r.stderr[-2000:]
+    # (avx512_gemm.h).
+    _run_backend_script("DSMOE_CPU_BF16_GEMM", backend, _BF16_GEMM_SCRIPT)
 
 
 def test_cpu_kernels_reports_choice():

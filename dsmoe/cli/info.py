@@ -27,6 +27,8 @@ def run(ns: argparse.Namespace) -> int:
             print(f"  {key}: {value}")
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), python {platform.python_version()}")
     print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads")
+    k = dsmoe.cpu_kernels()
+    print(f"  CPU kernels: elementwise {k['vec_isa']}, bf16 GEMM {k['bf16_gemm']}, fp32 GEMM {k['fp32_gemm']}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
