@@ -143,6 +143,17 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     rgp, rgw = torch.autograd.grad(reference.unpermute(xp64, row_map, w64), [xp64, w64], gy.double())
     res[f"{dtype} unpermute_backward"] = max(err(gyp, rgp), err(gw, rgw))
     res[f"{dtype} permute_backward"] = err(torch.ops.dsmoe.permute_backward(xp, row_map, k), reference.unpermute(xp, row_map, torch.ones(T, k)))
+    for E in (16, 21, 5):  # softmax: whole vectors, a tail, shorter than a vector
+        logits = torch.randn(37, E, dtype=dtype) * 3
+        logits[0] = 1.5  # equal logits: equal probs, ties to the lower expert id
+        got, want = ops.gate(logits, 3, True), reference.gate(logits, 3, True)
+        res[f"{dtype} gate E={E}"] = max(err(got[0], want[0]), err(got[3], want[3]))
+        assert torch.equal(got[1], want[1]), f"{dtype} E={E}: gate chose other experts than the reference"
+        logits64 = logits.double().requires_grad_()
+        g = torch.randn(37, 3)
+        (ref_g,) = torch.autograd.grad(reference.gate(logits64, 3, True)[0], logits64, g.double())
+        got_g = torch.ops.dsmoe.gate_backward(g, torch.zeros(1, E), logits, got[1], True, 1)
+        res[f"{dtype} gate_backward E={E}"] = err(got_g, ref_g)
     for rows in (1, 3, 8):
         a = torch.randn(rows, 133, dtype=dtype); b = torch.randn(2, 41, 133, dtype=dtype)
         o = torch.tensor([0, rows, rows], dtype=torch.int32)

@@ -46,6 +46,9 @@ struct VecKernels {
   // first packs it (decode, and experts that got a few tokens).
   void (*small_gemm_nt)(const T* a, const T* b, T* c, int64_t ldc, int64_t rows, int64_t N,
                         int64_t K);
+  // probs[r, :] = softmax(logits[r, :]) in fp32 for r < rows, rows of E (the gate; its exp
+  // dominated the scalar loop).
+  void (*softmax_rows)(const T* logits, acc_t* probs, int64_t rows, int64_t E);
 };
 
 // Up to this many rows small_gemm_nt beats a BLAS call here. Measured on 2 threads over 63

@@ -9,6 +9,8 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <vector>
 
 namespace dsmoe::cpu {
@@ -225,9 +227,36 @@ void small_gemm_nt(const T* a, const T* b, T* c, int64_t ldc, int64_t rows, int6
 }
 
 template <typename T>
+void softmax_rows(const T* logits, float* probs, int64_t rows, int64_t E) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = logits + r * E;
+    float* p = probs + r * E;
+    for (int64_t e = 0; e < E; ++e) p[e] = static_cast<float>(row[e]);
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t e = 0; e < E; ++e) mx = std::max(mx, p[e]);
+    const Vf vmx(mx);
+    Vf vsum(0.0f);
+    int64_t e = 0;
+    for (; e + Vf::size() <= E; e += Vf::size()) {
+      const Vf x = (Vf::loadu(p + e) - vmx).exp();
+      x.store(p + e);
+      vsum = vsum + x;
+    }
+    float sum = lane_sum(vsum);
+    if (e < E) {  // the tail through the same exp, so that equal logits get equal probs
+      const int n = static_cast<int>(E - e);
+      (Vf::loadu(p + e, n) - vmx).exp().store(p + e, n);
+      for (int64_t i = e; i < E; ++i) sum += p[i];
+    }
+    const float inv = 1.0f / sum;
+    for (e = 0; e < E; ++e) p[e] *= inv;
+  }
+}
+
+template <typename T>
 VecKernels<T> make_table() {
   return VecKernels<T>{&swiglu_rows<T>, &swiglu_backward_rows<T>, &gather_sum_rows<T>,
-                       &unpermute_backward_rows<T>, &small_gemm_nt<T>};
+                       &unpermute_backward_rows<T>, &small_gemm_nt<T>, &softmax_rows<T>};
 }
 
 inline void fill_all(AllVecKernels& out) {
