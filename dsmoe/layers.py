@@ -259,6 +259,8 @@ class RoutedExperts(nn.Module):
         if not huge_pages_enabled():
             return
         for p in (self.w_gate_up, self.w_down):
+            if type(p.data) is not torch.Tensor:  # a sharded (DTensor) or otherwise wrapped weight
+                continue
             placed = p.data_ptr() % (2 << 20) == 0  # what empty_huge_pages returns
             if p.device.type == "cpu" and p.numel() * p.element_size() >= 2 << 20 and not placed:
                 t = empty_huge_pages(p.shape, p.dtype)
