@@ -235,6 +235,13 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b, const a
   const cpu::Avx512Gemm<float>* fp32_kernel =
       a.scalar_type() == at::kFloat ? cpu::fp32_gemm_kernel() : nullptr;
   const bool own_kernel = b.is_contiguous() && (bf16_kernel != nullptr || fp32_kernel != nullptr);
+  const auto own_part = [&](int64_t g, int64_t lo, int64_t hi, int64_t n0, int64_t n1) {
+    if (bf16_kernel != nullptr) {
+      avx512_gemm_part(*bf16_kernel, a, b, c, g, lo, hi, trans_b, n0, n1);
+    } else {
+      avx512_gemm_part(*fp32_kernel, a, b, c, g, lo, hi, trans_b, n0, n1);
+    }
+  };
   // Parts of a few rows: one pass over b's rows (see vec_kernels.h; avx512_gemm.h's where it
   // runs), when b is nn.Linear-layout.
   std::function<void(int64_t, int64_t, int64_t, int64_t, int64_t)> small;  // g, rows, columns
@@ -272,10 +279,8 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b, const a
           if (hi == lo) continue;
           if (hi - lo <= cpu::kSmallGemmRows) {
             small(g, lo, hi, n0, n1);
-          } else if (own_kernel && bf16_kernel != nullptr) {
-            avx512_gemm_part(*bf16_kernel, a, b, c, g, lo, hi, trans_b, n0, n1);
           } else if (own_kernel) {
-            avx512_gemm_part(*fp32_kernel, a, b, c, g, lo, hi, trans_b, n0, n1);
+            own_part(g, lo, hi, n0, n1);
           } else {
             auto part = c.narrow(0, lo, hi - lo).narrow(1, n0, n1 - n0);
             at::mm_out(part, a.narrow(0, lo, hi - lo), b.select(0, g).narrow(0, n0, n1 - n0).t());
@@ -291,11 +296,7 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b, const a
       return;
     }
     if (own_kernel) {
-      if (bf16_kernel != nullptr) {
-        avx512_gemm_part(*bf16_kernel, a, b, c, g, lo, hi, trans_b, 0, N);
-      } else {
-        avx512_gemm_part(*fp32_kernel, a, b, c, g, lo, hi, trans_b, 0, N);
-      }
+      own_part(g, lo, hi, 0, N);
       return;
     }
     const auto bg = trans_b ? b.select(0, g).t() : b.select(0, g);
