@@ -8,7 +8,7 @@ implementation, see ``peak_rss_delta``).
 
 Implementations (the peers are the definitions of shared/bench_anchors.py, run on CPU):
   dsmoe        dsmoe.ops composed: gate -> permute -> grouped_gemm -> swiglu -> grouped_gemm ->
-               unpermute, plus the shared experts (F.linear + dsmoe swiglu)
+               unpermute, plus the shared experts (one-group grouped_gemm + swiglu, as the layer on CPU)
   dsmoe_layer  dsmoe.DeepSeekMoELayer(impl="dsmoe") when the package has it, same weights
   hf_train     the seeds' DeepseekMoE training path (repeat_interleave + per-expert mask loop)
   hf_infer     the seeds' moe_infer (argsort + bincount + per-expert loop), forward only
@@ -200,7 +200,10 @@ def dsmoe_fn(p):
     x_perm, row_map, offsets = ops.permute(x, ids, E)
     h = ops.swiglu(ops.grouped_gemm(x_perm, p["w1"], offsets, True))
     y = ops.unpermute(ops.grouped_gemm(h, p["w2"], offsets, True), row_map, weights)
-    shared = F.linear(ops.swiglu(F.linear(x, p["ws1"])), p["ws2"])
+    # the shared experts as one-group grouped GEMMs (all rows), as DeepSeekMoELayer runs them on CPU
+    every_row = torch.tensor([0, x.shape[0]], dtype=torch.int32)
+    shared = ops.swiglu(ops.grouped_gemm(x, p["ws1"][None], every_row, True))
+    shared = ops.grouped_gemm(shared, p["ws2"][None], every_row, True)
     return y + shared
 
 

@@ -205,6 +205,78 @@ def test_impls_agree_in_bf16():
     torch.testing.assert_close(out["logits"], ref["logits"], rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("variant", ["plain", "hooked", "batched"])
+def test_mlp_add_to_equals_sum(variant, monkeypatch):
+    """MLP(x, add_to=y) is y + MLP(x), forward and backward: through addmm for a plain down_proj
+    and 2-d x, through the plain sum when down_proj has a hook or x is 3-d."""
+    from dsmoe.layers import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(24, 40).double()
+    shape = (2, 5, 24) if variant == "batched" else (7, 24)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    calls, addmm = [], torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *a, **kw: calls.append("addmm") or addmm(*a, **kw))
+    if variant == "hooked":
+        mlp.down_proj.register_forward_hook(lambda *args: calls.append("hook"))
+    out = mlp(x, add_to=y)
+    expected = y + mlp(x)
+    assert calls == {"plain": ["addmm"], "hooked": ["hook", "hook"], "batched": []}[variant]
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, y, *mlp.parameters()], grad)
+    want = torch.autograd.grad(expected, [x, y, *mlp.parameters()], grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_add", [False, True])
+def test_mlp_on_own_cpu_gemm_matches_plain(dtype, with_add, monkeypatch):
+    """From OWN_GEMM_MIN_ROWS rows a CPU MLP runs as one-group grouped GEMMs + swiglu (forced here,
+    so that it runs on CPUs whose grouped GEMM is oneDNN's too): same output and gradients as the
+    plain nn.Linear forward, up to rounding."""
+    import dsmoe.layers as layers
+
+    torch.manual_seed(0)
+    mlp = layers.MLP(48, 40).to(dtype)
+    x = torch.randn(layers.MLP.OWN_GEMM_MIN_ROWS + 3, 48, dtype=dtype, requires_grad=True)
+    y = torch.randn(x.shape[0], 48, dtype=dtype, requires_grad=True) if with_add else None
+    grad = torch.randn(x.shape[0], 48, dtype=dtype)
+    inputs = [x, *([y] if with_add else []), *mlp.parameters()]
+
+    def run():
+        out = mlp(x, add_to=y)
+        return out, torch.autograd.grad(out, inputs, grad)
+
+    monkeypatch.setattr(layers, "_own_cpu_gemm", lambda dt: True)
+    assert mlp._on_own_cpu_gemm(x) and not mlp._on_own_cpu_gemm(x[: layers.MLP.OWN_GEMM_MIN_ROWS - 1])
+    own, own_grads = run()
+    monkeypatch.setattr(layers, "_own_cpu_gemm", lambda dt: False)
+    assert not mlp._on_own_cpu_gemm(x)
+    plain, plain_grads = run()
+    for got, want in zip((own, *own_grads), (plain, *plain_grads)):
+        if dtype == torch.bfloat16:  # two bf16 roundings apart: compare as a whole
+            assert (got.float() - want.float()).norm() <= 1e-2 * want.float().norm()
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_mlp_own_cpu_gemm_follows_the_chosen_kernel():
+    """The own-GEMM path is taken exactly where dsmoe.cpu_kernels() reports its AVX512 kernel."""
+    import dsmoe
+    from dsmoe.layers import MLP
+
+    kernels = dsmoe.cpu_kernels()
+    for dtype, key in ((torch.bfloat16, "bf16_gemm"), (torch.float32, "fp32_gemm")):
+        mlp = MLP(16, 8).to(dtype)
+        x = torch.randn(MLP.OWN_GEMM_MIN_ROWS, 16, dtype=dtype)
+        assert mlp._on_own_cpu_gemm(x) == (kernels[key] == "avx512")
+    mlp = MLP(16, 8).half()
+    assert not mlp._on_own_cpu_gemm(torch.randn(MLP.OWN_GEMM_MIN_ROWS, 16).half())
+
+
 def test_device_balance_loss_in_model():
     """alpha_2 > 0 with D devices adds the paper's device-level loss to every MoE layer."""
     from dsmoe.losses import device_balance_loss, expert_balance_loss
