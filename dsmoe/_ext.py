@@ -35,7 +35,7 @@ def build_info() -> dict:
 def cpu_kernels() -> dict:
     """The CPU kernels this process runs (each chosen once): ``vec_isa`` of the elementwise and
     gather kernels (AVX512/AVX2/DEFAULT, by ATen's ``ATEN_CPU_CAPABILITY`` rule); ``bf16_gemm``
-    and ``fp32_gemm`` of the grouped GEMM's forward and input gradient: 'avx512' (dsmoe's kernel,
+    and ``fp32_gemm`` of the grouped GEMM's forward, input and weight gradients: 'avx512' (dsmoe's kernel,
     the default on CPUs with AVX512-BF16 and no AMX), else 'onednn' (or 'mkl' for fp32), as
     ``DSMOE_CPU_BF16_GEMM`` / ``DSMOE_CPU_FP32_GEMM`` may choose; and ``cpu_avx512_bf16``."""
     return dict(_C.cpu_kernels())

@@ -226,6 +226,11 @@ for threads in (1, 2):
             b = torch.randn(E, N, K) if trans_b else torch.randn(E, K, N)
             got = ops.grouped_gemm(a, b, off, trans_b)
             assert_close(got, reference.grouped_gemm(a, b, off, trans_b), torch.float32)
+            # the weight gradient (its reduction is the group's rows: odd, 1, past a 16-row strip)
+            g = torch.randn(M, N)
+            got = ops.grouped_gemm_wgrad(a, g, off, trans_b)
+            want = reference.grouped_gemm_wgrad(a.double(), g.double(), off, trans_b).float()
+            assert_close(got, want, torch.float32, scale=max(counts) ** 0.5)
 print("OK")
 """
 
@@ -295,6 +300,13 @@ for threads in (1, 2, 3):
             # and the transposed weight through a view (not contiguous: oneDNN path) agrees
             bt = b.transpose(1, 2).contiguous().transpose(1, 2)
             assert_close(ops.grouped_gemm(a, bt, off, trans_b), got, torch.bfloat16)
+            # the weight gradient: fp32 accumulation over the group's rows, one rounding
+            g = torch.randn(M, N, dtype=torch.bfloat16)
+            got = ops.grouped_gemm_wgrad(a, g, off, trans_b)
+            want = reference.grouped_gemm_wgrad(a.double(), g.double(), off, trans_b)
+            assert_close(got, want.bfloat16(), torch.bfloat16, scale=max(counts) ** 0.5,
+                         msg=f"wgrad {counts} K{K} N{N} trans_b={trans_b}")
+            assert torch.isfinite(got).all()
 print("OK")
 """
 

@@ -1,6 +1,6 @@
-// dsmoe's own GEMM for the grouped GEMM's forward and input-gradient products, bf16 (AVX512-BF16
-// vdpbf16ps) and fp32 (AVX512 FMA), used on CPUs with AVX512-BF16 and no AMX (AMD Zen 4/5, Intel
-// Cooper Lake), where it was measured against oneDNN/MKL (docs/cpu_performance.md).
+// dsmoe's own GEMM for the grouped GEMM's forward, input- and weight-gradient products, bf16
+// (AVX512-BF16 vdpbf16ps) and fp32 (AVX512 FMA), used on CPUs with AVX512-BF16 and no AMX (AMD
+// Zen 4/5, Intel Cooper Lake), where it was measured against oneDNN/MKL (docs/cpu_performance.md).
 //
 // Why not the BLAS: per expert, a BLAS call packs the weight and sets up a kernel for a few
 // hundred rows, and the weight is read from memory before any arithmetic starts. bf16 at::mm on
@@ -57,6 +57,9 @@ struct Avx512Gemm {
   // pass, the next four prefetched; bf16 pairs multiplied as stored (no conversion).
   void (*small_gemm_nt)(const T* a, const T* b, T* c, int64_t ldc, int64_t rows, int64_t N,
                         int64_t K);
+  // out [C, R] (row stride ldo) = x^T for x [R, C] (row stride ldx): the weight gradient's first
+  // operand, its reduction (the rows of x) made contiguous as gemm's a needs.
+  void (*transpose)(const T* x, int64_t ldx, int64_t R, int64_t C, T* out, int64_t ldo);
 };
 
 // Rows of a per small_gemm_nt pass over b.

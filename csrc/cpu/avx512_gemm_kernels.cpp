@@ -69,6 +69,18 @@ struct Bf16Ops {
   static __m512i load_chunk(const Bits* p, int64_t n) {
     return n >= 32 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(half_mask(n), p);
   }
+  // The 16 words (x[0][j], x[ldx][j]) for j < n (zero past n), from the rows at p and p + ldx;
+  // rows counts the rows left from p (the second is zero when only one is).
+  static __m512i column_pairs(const Bits* p, int64_t ldx, int64_t rows, int64_t n) {
+    if (rows <= 0) return _mm512_setzero_si512();
+    const __mmask16 m = lane_mask(n);
+    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+    if (rows == 1) return lo;
+    const __m512i hi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p + ldx));
+    return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+  }
+  // The first n elements of the 32 in v.
+  static void store_elems(Bits* out, __m512i v, int64_t n) { _mm512_mask_storeu_epi16(out, half_mask(n), v); }
   // b [K, N]: words (p, n0..n0+31) = (b[2p][n], b[2p+1][n]): two rows interleaved.
   static void pack_kn_row(const Bits* b, int64_t ldb, int64_t K, int64_t p, int64_t cols, uint32_t* out) {
     const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
@@ -102,6 +114,13 @@ struct Fp32Ops {
   static constexpr int64_t kVecElems = 16;
   static __m512i load_chunk(const Bits* p, int64_t n) {
     return _mm512_castps_si512(n >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(lane_mask(n), p));
+  }
+  static __m512i column_pairs(const Bits* p, int64_t, int64_t rows, int64_t n) {
+    if (rows <= 0) return _mm512_setzero_si512();
+    return _mm512_castps_si512(_mm512_maskz_loadu_ps(lane_mask(n), p));
+  }
+  static void store_elems(Bits* out, __m512i v, int64_t n) {
+    _mm512_mask_storeu_ps(out, lane_mask(n), _mm512_castsi512_ps(v));
   }
   // b [K, N]: words (p, n0..n0+31) = b[p][n]: a row copied.
   static void pack_kn_row(const Bits* b, int64_t ldb, int64_t, int64_t p, int64_t cols, uint32_t* out) {
@@ -347,6 +366,28 @@ void gemm_streamed(const T* a_in, int64_t lda, const T* b_in, int64_t ldb, bool 
   }
 }
 
+// out [C, R] (row stride ldo) = x^T, x [R, C] (row stride ldx): 16 words (32 bf16 or 16 fp32
+// rows of x) by 16 columns at a time, as words built from x's columns and transposed.
+template <typename T, typename Ops>
+void transpose(const T* x_in, int64_t ldx, int64_t R, int64_t C, T* out_in, int64_t ldo) {
+  const auto* x = reinterpret_cast<const typename Ops::Bits*>(x_in);
+  auto* out = reinterpret_cast<typename Ops::Bits*>(out_in);
+  constexpr int64_t W = Ops::kPerWord;
+  for (int64_t c0 = 0; c0 < C; c0 += 16) {
+    const int64_t cols = std::min<int64_t>(16, C - c0);
+    for (int64_t r0 = 0; r0 < R; r0 += 16 * W) {
+      __m512i w[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t r = r0 + W * i;
+        w[i] = Ops::column_pairs(x + r * ldx + c0, ldx, R - r, cols);
+      }
+      transpose16(w);
+      const int64_t rows = std::min<int64_t>(16 * W, R - r0);
+      for (int64_t j = 0; j < cols; ++j) Ops::store_elems(out + (c0 + j) * ldo + r0, w[j], rows);
+    }
+  }
+}
+
 // Rows of a few tokens (decode): c[r, n] = dot(a[r, :], b[n, :]) for ROWS rows and b [N, K]
 // (nn.Linear layout) read once, in order, straight from memory: nothing to pack for a product
 // this small. For bf16 vdpbf16ps multiplies the stored pairs as they are (no conversion). Each
@@ -440,6 +481,7 @@ void fill(Avx512Gemm<T>& out) {
   out.gemm = &gemm<T, Ops>;
   out.gemm_streamed = &gemm_streamed<T, Ops>;
   out.small_gemm_nt = &small_gemm_nt<T, Ops>;
+  out.transpose = &transpose<T, Ops>;
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
-// CPU grouped GEMM and its weight gradient, on views of the activations (no copies): per part of
-// a group, avx512_gemm.h's kernel (bf16 and fp32 on CPUs with AVX512-BF16 and no AMX) or a BLAS
-// call (at::mm_out / oneDNN: oneDNN for bf16/fp16 and, by default, fp32; MKL for the fp32 weight
+// CPU grouped GEMM and its weight gradient, on views of the activations (no copies, but for the
+// slices the AVX512 weight gradient transposes into per-thread scratch): per part of a group,
+// avx512_gemm.h's kernel (bf16 and fp32 on CPUs with AVX512-BF16 and no AMX) or a BLAS call
+// (at::mm_out / oneDNN: oneDNN for bf16/fp16 and, by default, fp32; MKL for the fp32 weight
 // gradient).
 //
 // Threads: each thread takes an equal contiguous range of the M rows (groups are contiguous in
@@ -91,7 +92,7 @@ constexpr int64_t kColumnSplitRows = 16;
 // at::native::mkldnn_matmul (at::mm uses it for bf16), which writes into a given output; it is
 // exported by libtorch_cpu but not declared in the installed headers, so it is looked up at run
 // time and a torch without it keeps MKL, as does DSMOE_CPU_FP32_GEMM=mkl. The weight gradient
-// stays on MKL (no per-shape cost for its varying reduction length).
+// stays on MKL (no per-shape cost for its varying reduction length) unless the AVX512 kernel runs.
 using MkldnnMatmulFn = void (*)(const at::Tensor& mat1, const at::Tensor& mat2,
                                 const at::Tensor& result, float beta, float alpha);
 
@@ -182,27 +183,48 @@ void for_each_row_share(const std::vector<int64_t>& off, const Fn& fn) {
   });
 }
 
-// c[lo:hi, n0:n1] = a[lo:hi] @ (group g of b)[:, n0:n1] with avx512_gemm.h's kernel: streamed
-// (weight packed a panel at a time under the arithmetic) when the rows of a fit kStreamedMaxBytes,
-// else the whole weight packed first. Scratch is per thread.
+// c[M, cols] (row stride ldc) = a[M, K] (row stride lda) @ B with avx512_gemm.h's kernel:
+// streamed (B packed a panel at a time under the arithmetic) when the rows of a fit
+// kStreamedMaxBytes, else the whole of B packed first. Scratch is per thread.
+template <typename T>
+void avx512_gemm(const cpu::Avx512Gemm<T>& kernel, const T* ap, int64_t lda, const T* bp, int64_t ldb,
+                 bool b_nk, int64_t cols, int64_t K, T* cp, int64_t ldc, int64_t M) {
+  thread_local std::vector<uint32_t> packed;
+  if (M * K * static_cast<int64_t>(sizeof(T)) <= kStreamedMaxBytes) {
+    packed.resize(cpu::panel_words<T>(K));
+    kernel.gemm_streamed(ap, lda, bp, ldb, b_nk, cols, K, cp, ldc, M, packed.data());
+  } else {
+    packed.resize(cpu::packed_words<T>(cols, K));
+    kernel.pack(bp, ldb, b_nk, cols, K, packed.data());
+    kernel.gemm(ap, lda, packed.data(), cols, K, cp, ldc, M);
+  }
+}
+
+// c[lo:hi, n0:n1] = a[lo:hi] @ (group g of b)[:, n0:n1] with avx512_gemm.h's kernel.
 template <typename T>
 void avx512_gemm_part(const cpu::Avx512Gemm<T>& kernel, const at::Tensor& a, const at::Tensor& b,
                       at::Tensor& c, int64_t g, int64_t lo, int64_t hi, bool trans_b, int64_t n0,
                       int64_t n1) {
-  const int64_t K = a.size(1), N = c.size(1), cols = n1 - n0;
+  const int64_t K = a.size(1), N = c.size(1);
   const T* ap = a.const_data_ptr<T>() + lo * K;
   const T* bp = b.const_data_ptr<T>() + g * N * K + (trans_b ? n0 * K : n0);
   T* cp = c.mutable_data_ptr<T>() + lo * N + n0;
-  const int64_t ldb = trans_b ? K : N;
-  thread_local std::vector<uint32_t> packed;
-  if ((hi - lo) * K * static_cast<int64_t>(sizeof(T)) <= kStreamedMaxBytes) {
-    packed.resize(cpu::panel_words<T>(K));
-    kernel.gemm_streamed(ap, K, bp, ldb, trans_b, cols, K, cp, N, hi - lo, packed.data());
-  } else {
-    packed.resize(cpu::packed_words<T>(cols, K));
-    kernel.pack(bp, ldb, trans_b, cols, K, packed.data());
-    kernel.gemm(ap, K, packed.data(), cols, K, cp, N, hi - lo);
-  }
+  avx512_gemm(kernel, ap, K, bp, trans_b ? K : N, trans_b, n1 - n0, K, cp, N, hi - lo);
+}
+
+// Rows [r0, r1) of group g's weight gradient x_g^T @ y_g (x, y: [M, R] and [M, C], the group's
+// rows_g rows from row0; out [E, R, C]) with avx512_gemm.h's kernel. The kernel's a needs the
+// reduction (here the group's rows) contiguous, so x_g's columns [r0, r1) are transposed into
+// per-thread scratch first (1/C of the product's work); y_g is the [K, N]-layout b.
+template <typename T>
+void avx512_wgrad_part(const cpu::Avx512Gemm<T>& kernel, const at::Tensor& x, const at::Tensor& y,
+                       at::Tensor& out, int64_t g, int64_t row0, int64_t rows_g, int64_t r0, int64_t r1) {
+  const int64_t R = x.size(1), C = y.size(1);
+  thread_local std::vector<T> xt;
+  xt.resize(static_cast<size_t>((r1 - r0) * rows_g));
+  kernel.transpose(x.const_data_ptr<T>() + row0 * R + r0, R, rows_g, r1 - r0, xt.data(), rows_g);
+  avx512_gemm(kernel, xt.data(), rows_g, y.const_data_ptr<T>() + row0 * C, C, /*b_nk=*/false, C,
+              rows_g, out.mutable_data_ptr<T>() + (g * R + r0) * C, C, r1 - r0);
 }
 
 // avx512_gemm.h's small_gemm_nt for T when it runs here, else nullptr (a template, so that the
@@ -334,6 +356,28 @@ at::Tensor grouped_gemm_wgrad_cpu(const at::Tensor& a_in, const at::Tensor& grad
   // Empty groups get a zero gradient; the others are written whole below.
   for (int64_t g = 0; g < E; ++g) {
     if (off[g + 1] == off[g]) out.select(0, g).zero_();
+  }
+  // avx512_gemm.h's kernel where the forward runs it: the gradient's rows are the columns of x,
+  // a share of a group is a slice of them, in proportion (as below).
+  const cpu::Avx512Gemm<at::BFloat16>* bf16_kernel =
+      a.scalar_type() == at::kBFloat16 ? cpu::bf16_gemm_kernel() : nullptr;
+  const cpu::Avx512Gemm<float>* fp32_kernel =
+      a.scalar_type() == at::kFloat ? cpu::fp32_gemm_kernel() : nullptr;
+  if (bf16_kernel != nullptr || fp32_kernel != nullptr) {
+    const auto& x = trans_b ? grad_c : a;  // out[g] = x_g^T @ y_g: [N, K] with trans_b, else [K, N]
+    const auto& y = trans_b ? a : grad_c;
+    const int64_t R = x.size(1);
+    for_each_row_share(off, [&](int64_t g, int64_t lo, int64_t hi) {
+      const int64_t rows_g = off[g + 1] - off[g];
+      const int64_t r0 = (lo - off[g]) * R / rows_g, r1 = (hi - off[g]) * R / rows_g;
+      if (r1 <= r0) return;
+      if (bf16_kernel != nullptr) {
+        avx512_wgrad_part(*bf16_kernel, x, y, out, g, off[g], rows_g, r0, r1);
+      } else {
+        avx512_wgrad_part(*fp32_kernel, x, y, out, g, off[g], rows_g, r0, r1);
+      }
+    });
+    return out;
   }
   // Split over threads like the forward, but a group's share is a slice of its N output columns
   // (rows are the reduction dimension): the columns of rows [lo, hi) of group g are
