@@ -161,11 +161,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: Tensor, add_to: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, add_to: Optional[Tensor] = None, dsmoe_kernels: bool = True) -> Tensor:
         """``add_to``: returns add_to + mlp(x), for x [T, h], with the sum done by the down
         projection's GEMM (addmm) instead of another pass over the output, where down_proj is a
-        plain unhooked nn.Linear (not sharded or wrapped)."""
-        if self._on_own_cpu_gemm(x):
+        plain unhooked nn.Linear (not sharded or wrapped). ``dsmoe_kernels=False``: the
+        nn.Linear modules only (the MoE layer's reference path)."""
+        if dsmoe_kernels and self._on_own_cpu_gemm(x):
             return self._forward_own_cpu_gemm(x, add_to)
         hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)
         if add_to is None:
@@ -419,7 +420,7 @@ class DeepSeekMoELayer(nn.Module):
         y = self.experts(x, route.weights, route.expert_ids, impl=self.impl)
         if self.shared_experts is not None:
             if self.impl == "reference":
-                y = y + self.shared_experts(x)  # the seeds' sum
+                y = y + self.shared_experts(x, dsmoe_kernels=False)  # the seeds' sum, plain PyTorch
             else:
                 y = self.shared_experts(x, add_to=y)
         aux_loss = None

@@ -256,6 +256,8 @@ def test_mlp_on_own_cpu_gemm_matches_plain(dtype, with_add, monkeypatch):
     monkeypatch.setattr(layers, "_own_cpu_gemm", lambda dt: False)
     assert not mlp._on_own_cpu_gemm(x)
     plain, plain_grads = run()
+    monkeypatch.setattr(layers, "_own_cpu_gemm", lambda dt: True)
+    torch.testing.assert_close(mlp(x, add_to=y, dsmoe_kernels=False), plain, rtol=0, atol=0)  # reference path
     for got, want in zip((own, *own_grads), (plain, *plain_grads)):
         if dtype == torch.bfloat16:  # two bf16 roundings apart: compare as a whole
             assert (got.float() - want.float()).norm() <= 1e-2 * want.float().norm()
