@@ -162,10 +162,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: Tensor, add_to: Optional[Tensor] = None, dsmoe_kernels: bool = True) -> Tensor:
-        """``add_to``: returns add_to + mlp(x), for x [T, h], with the sum done by the down
-        projection's GEMM (addmm) instead of another pass over the output, where down_proj is a
-        plain unhooked nn.Linear (not sharded or wrapped). ``dsmoe_kernels=False``: the
-        nn.Linear modules only (the MoE layer's reference path)."""
+        """x [..., h] -> [..., h]; on CPU from OWN_GEMM_MIN_ROWS rows through dsmoe's GEMM kernel
+        where it runs (_on_own_cpu_gemm), else the nn.Linear modules. ``add_to``: returns
+        add_to + mlp(x); on the nn.Linear path with 2-d x and a plain down_proj the sum is done
+        by the down projection's GEMM (addmm) instead of another pass over the output.
+        ``dsmoe_kernels=False``: the nn.Linear modules only (the MoE layer's reference path)."""
         if dsmoe_kernels and self._on_own_cpu_gemm(x):
             return self._forward_own_cpu_gemm(x, add_to)
         hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)
@@ -178,12 +179,12 @@ class MLP(nn.Module):
     def _on_own_cpu_gemm(self, x: Tensor) -> bool:
         """Whether the forward runs as two one-group dsmoe grouped GEMMs + dsmoe swiglu: on CPU
         where dsmoe's AVX512 kernel is chosen for the dtype, in eager mode, from OWN_GEMM_MIN_ROWS
-        rows, with plain projections. On the `dsmoe train` layer's shared experts (2048 x 256 x
-        128, bf16) that ran ~10% faster than oneDNN's (docs/cpu_performance.md)."""
-        if x.device.type != "cpu" or x.dim() != 2 or x.shape[0] < self.OWN_GEMM_MIN_ROWS:
-            return False
+        rows, with plain projections. Against oneDNN/MKL through nn.Linear, 2048 rows, forward and
+        forward+backward: bf16 4-9% faster, fp32 10-17% (docs/cpu_performance.md)."""
         if torch.compiler.is_compiling():
             return False  # the compiler picks its own GEMMs
+        if x.device.type != "cpu" or x.dim() < 2 or x.numel() < self.OWN_GEMM_MIN_ROWS * x.shape[-1]:
+            return False
         if not all(_plain_linear(m) for m in (self.gate_proj, self.up_proj, self.down_proj)):
             return False
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
@@ -197,9 +198,11 @@ class MLP(nn.Module):
         if torch.is_autocast_enabled("cpu"):  # the dsmoe ops have no autocast rule (as RoutedExperts)
             dtype = torch.get_autocast_dtype("cpu")
             x, w_gate_up, w_down = x.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
-        offsets = torch.tensor([0, x.shape[0]], dtype=torch.int32)  # one group: every row
-        hidden = ops.swiglu(ops.grouped_gemm(x, w_gate_up.unsqueeze(0), offsets, trans_b=True))
+        rows = x.reshape(-1, x.shape[-1])
+        offsets = torch.tensor([0, rows.shape[0]], dtype=torch.int32)  # one group: every row
+        hidden = ops.swiglu(ops.grouped_gemm(rows, w_gate_up.unsqueeze(0), offsets, trans_b=True))
         out = ops.grouped_gemm(hidden, w_down.unsqueeze(0), offsets, trans_b=True)
+        out = out.view(*x.shape[:-1], out.shape[-1])
         return out if add_to is None else add_to + out
 
 

@@ -233,7 +233,8 @@ def test_mlp_add_to_equals_sum(variant, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_add", [False, True])
-def test_mlp_on_own_cpu_gemm_matches_plain(dtype, with_add, monkeypatch):
+@pytest.mark.parametrize("batched", [False, True])
+def test_mlp_on_own_cpu_gemm_matches_plain(dtype, with_add, batched, monkeypatch):
     """From OWN_GEMM_MIN_ROWS rows a CPU MLP runs as one-group grouped GEMMs + swiglu (forced here,
     so that it runs on CPUs whose grouped GEMM is oneDNN's too): same output and gradients as the
     plain nn.Linear forward, up to rounding."""
@@ -241,9 +242,11 @@ def test_mlp_on_own_cpu_gemm_matches_plain(dtype, with_add, monkeypatch):
 
     torch.manual_seed(0)
     mlp = layers.MLP(48, 40).to(dtype)
-    x = torch.randn(layers.MLP.OWN_GEMM_MIN_ROWS + 3, 48, dtype=dtype, requires_grad=True)
-    y = torch.randn(x.shape[0], 48, dtype=dtype, requires_grad=True) if with_add else None
-    grad = torch.randn(x.shape[0], 48, dtype=dtype)
+    rows = layers.MLP.OWN_GEMM_MIN_ROWS + 3
+    shape = (2, rows // 2 + 1, 48) if batched else (rows, 48)  # [B, L, h] as the dense layers get
+    x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+    y = torch.randn(*shape, dtype=dtype, requires_grad=True) if with_add else None
+    grad = torch.randn(*shape, dtype=dtype)
     inputs = [x, *([y] if with_add else []), *mlp.parameters()]
 
     def run():
@@ -251,7 +254,8 @@ def test_mlp_on_own_cpu_gemm_matches_plain(dtype, with_add, monkeypatch):
         return out, torch.autograd.grad(out, inputs, grad)
 
     monkeypatch.setattr(layers, "_own_cpu_gemm", lambda dt: True)
-    assert mlp._on_own_cpu_gemm(x) and not mlp._on_own_cpu_gemm(x[: layers.MLP.OWN_GEMM_MIN_ROWS - 1])
+    few_rows = torch.randn(layers.MLP.OWN_GEMM_MIN_ROWS - 1, 48, dtype=dtype)
+    assert mlp._on_own_cpu_gemm(x) and not mlp._on_own_cpu_gemm(few_rows)
     own, own_grads = run()
     monkeypatch.setattr(layers, "_own_cpu_gemm", lambda dt: False)
     assert not mlp._on_own_cpu_gemm(x)
