@@ -17,6 +17,7 @@ the Hugging Face layout.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -156,6 +157,28 @@ def _ep_layer_case(mesh, E: int, k: int, skew: bool, seed: int) -> dict:
     return {key: _reduce_max(v) for key, v in result.items()}
 
 
+@contextlib.contextmanager
+def _mlp_on_own_gemm():
+    """Every MLP (dense layers, shared experts) on its one-group grouped GEMM path, whatever the
+    CPU and row count (FSDP2 hands the MLP unsharded parameters; the path must see them).
+    Yields the list of the MLP modules (ids) whose forward took the path, one entry per call."""
+    import dsmoe.layers as layers
+
+    calls = []
+    saved = layers.MLP.OWN_GEMM_MIN_ROWS, layers._own_cpu_gemm, layers.MLP._forward_own_cpu_gemm
+
+    def counted(self, *args):
+        calls.append(id(self))
+        return saved[2](self, *args)
+
+    layers.MLP.OWN_GEMM_MIN_ROWS, layers._own_cpu_gemm = 1, lambda dtype: True
+    layers.MLP._forward_own_cpu_gemm = counted
+    try:
+        yield calls
+    finally:
+        layers.MLP.OWN_GEMM_MIN_ROWS, layers._own_cpu_gemm, layers.MLP._forward_own_cpu_gemm = saved
+
+
 def _train_case(dp: int, ep: int, steps: int = 3, **overrides) -> dict:
     import torch.distributed as dist
     from dsmoe.distributed import full_state_dict, make_mesh, wrap_model
@@ -215,6 +238,13 @@ def worker_main(job: str, out_dir: Path) -> None:
         report["layer_1_local_skewed"] = _ep_layer_case(ctx.mesh, E=2, k=1, skew=True, seed=4)
         report["refused"] = _refusals(ctx.mesh)
         report["train_2x1"] = _train_case(2, 1)[0]
+        with _mlp_on_own_gemm() as calls:
+            case, sharded, _ = _train_case(2, 1)
+        # calls of the FSDP2-wrapped model's own MLPs (the single-process reference's excluded),
+        # the fewest over the ranks
+        mine = {id(m) for m in sharded.modules() if isinstance(m, dsmoe.layers.MLP)}
+        case["own_gemm_calls"] = -_reduce_max(-sum(c in mine for c in calls))
+        report["train_2x1_mlp_on_own_gemm"] = case
         report["train_1x2"], model, opt = _train_case(1, 2)
         dckpt.save(out_dir / "ckpt_a", model, opt, extra={"step": 3})
         state = full_state_dict(model)
@@ -332,9 +362,11 @@ def test_ep_layer_matches_single_process(jobs, case):
     assert r["grad_params"] < TOL_GRAD, r
 
 
-@pytest.mark.parametrize("job, case", [("a", "train_1x2"), ("a", "train_2x1"), ("b", "train_2x2_row_sharded_experts")])
+@pytest.mark.parametrize("job, case", [("a", "train_1x2"), ("a", "train_2x1"), ("a", "train_2x1_mlp_on_own_gemm"),
+                                       ("b", "train_2x2_row_sharded_experts")])
 def test_training_matches_single_process(jobs, job, case):
     r = jobs[1][job][case]
+    assert r.get("own_gemm_calls", 1) > 0  # the case that forces the MLPs' own-GEMM path took it
     assert r["max_ref_norm"] > CLIP  # clipping was active
     assert r["loss"] < TOL_LOSS and r["norm"] < TOL_LOSS, r
     assert r["params"] < TOL_PARAM, r
