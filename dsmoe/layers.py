@@ -194,16 +194,24 @@ class MLP(nn.Module):
 
     def _forward_own_cpu_gemm(self, x: Tensor, add_to: Optional[Tensor]) -> Tensor:
         w_gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-        w_down = self.down_proj.weight
-        if torch.is_autocast_enabled("cpu"):  # the dsmoe ops have no autocast rule (as RoutedExperts)
-            dtype = torch.get_autocast_dtype("cpu")
-            x, w_gate_up, w_down = x.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
+        x, w_gate_up, w_down = _in_autocast_dtype(x, w_gate_up, self.down_proj.weight)
         rows = x.reshape(-1, x.shape[-1])
         offsets = torch.tensor([0, rows.shape[0]], dtype=torch.int32)  # one group: every row
         hidden = ops.swiglu(ops.grouped_gemm(rows, w_gate_up.unsqueeze(0), offsets, trans_b=True))
         out = ops.grouped_gemm(hidden, w_down.unsqueeze(0), offsets, trans_b=True)
         out = out.view(*x.shape[:-1], out.shape[-1])
         return out if add_to is None else add_to + out
+
+
+def _in_autocast_dtype(*tensors: Tensor) -> Tuple[Tensor, ...]:
+    """The tensors cast to the autocast dtype of the first one's device where autocast is on
+    there, else as they are: the dsmoe ops have no autocast rule, so they run in the dtype
+    autocast gives nn.Linear."""
+    device_type = tensors[0].device.type
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def _plain_linear(m: nn.Module) -> bool:
@@ -351,12 +359,7 @@ class RoutedExperts(nn.Module):
             if self.training:
                 return reference.moe_forward_train(x, ids, w, self.w_gate_up, self.w_down)
             return reference.moe_infer(x, ids, w, self.w_gate_up, self.w_down)
-        w_gate_up, w_down = self.w_gate_up, self.w_down
-        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
-            # the dsmoe ops have no autocast rule: run the experts in the autocast dtype, as
-            # autocast runs nn.Linear
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, w_gate_up, w_down = x.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
+        x, w_gate_up, w_down = _in_autocast_dtype(x, self.w_gate_up, self.w_down)
         x_perm, row_map, offsets = ops.permute(x, expert_ids, self.num_experts)
         hidden = ops.swiglu(ops.grouped_gemm(x_perm, w_gate_up, offsets, trans_b=True))
         y_perm = ops.grouped_gemm(hidden, w_down, offsets, trans_b=True)

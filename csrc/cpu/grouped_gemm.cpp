@@ -227,19 +227,42 @@ void avx512_wgrad_part(const cpu::Avx512Gemm<T>& kernel, const at::Tensor& x, co
               rows_g, out.mutable_data_ptr<T>() + (g * R + r0) * C, C, r1 - r0);
 }
 
-// avx512_gemm.h's small_gemm_nt for T when it runs here, else nullptr (a template, so that the
-// branches for other types are discarded inside AT_DISPATCH).
-template <typename T>
-auto own_small_gemm_nt(const cpu::Avx512Gemm<at::BFloat16>* bf16, const cpu::Avx512Gemm<float>* fp32)
-    -> decltype(cpu::VecKernels<T>::small_gemm_nt) {
-  if constexpr (std::is_same_v<T, at::BFloat16>) {
-    return bf16 != nullptr ? bf16->small_gemm_nt : nullptr;
-  } else if constexpr (std::is_same_v<T, float>) {
-    return fp32 != nullptr ? fp32->small_gemm_nt : nullptr;
-  } else {
-    return nullptr;
+// avx512_gemm.h's kernels for a dtype where they run (bf16 or fp32), else none. Every choice is
+// read when made, so that a bad DSMOE_CPU_FP32_GEMM or DSMOE_CPU_BF16_GEMM is refused on every
+// path.
+struct OwnKernels {
+  const cpu::Avx512Gemm<at::BFloat16>* bf16;
+  const cpu::Avx512Gemm<float>* fp32;
+
+  explicit OwnKernels(at::ScalarType dtype)
+      : bf16(dtype == at::kBFloat16 ? cpu::bf16_gemm_kernel() : nullptr),
+        fp32(dtype == at::kFloat ? cpu::fp32_gemm_kernel() : nullptr) {}
+
+  bool any() const { return bf16 != nullptr || fp32 != nullptr; }
+
+  // fn(the kernel that runs); only when any().
+  template <typename Fn>
+  void with(const Fn& fn) const {
+    if (bf16 != nullptr) {
+      fn(*bf16);
+    } else {
+      fn(*fp32);
+    }
   }
-}
+
+  // small_gemm_nt for T when it runs here, else nullptr (a template, so that the branches for
+  // other types are discarded inside AT_DISPATCH).
+  template <typename T>
+  auto small_gemm_nt() const -> decltype(cpu::VecKernels<T>::small_gemm_nt) {
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      return bf16 != nullptr ? bf16->small_gemm_nt : nullptr;
+    } else if constexpr (std::is_same_v<T, float>) {
+      return fp32 != nullptr ? fp32->small_gemm_nt : nullptr;
+    } else {
+      return nullptr;
+    }
+  }
+};
 
 at::Tensor grouped_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b, const at::Tensor& offsets,
                             bool trans_b) {
@@ -250,19 +273,13 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b, const a
   auto c = cpu::empty_cached({M, N}, a.options());
   if (M == 0 || N == 0) return c;
   // On AVX512-BF16 CPUs without AMX, bf16 and fp32 run avx512_gemm.h's kernel (no shape
-  // buckets needed: it has no per-shape cost). Every choice is read before any GEMM, so that a bad
-  // DSMOE_CPU_FP32_GEMM or DSMOE_CPU_BF16_GEMM is refused on every path.
-  const cpu::Avx512Gemm<at::BFloat16>* bf16_kernel =
-      a.scalar_type() == at::kBFloat16 ? cpu::bf16_gemm_kernel() : nullptr;
-  const cpu::Avx512Gemm<float>* fp32_kernel =
-      a.scalar_type() == at::kFloat ? cpu::fp32_gemm_kernel() : nullptr;
-  const bool own_kernel = b.is_contiguous() && (bf16_kernel != nullptr || fp32_kernel != nullptr);
+  // buckets needed: it has no per-shape cost). Chosen before any GEMM (see OwnKernels).
+  const OwnKernels kernels(a.scalar_type());
+  const bool own_kernel = b.is_contiguous() && kernels.any();
   const auto own_part = [&](int64_t g, int64_t lo, int64_t hi, int64_t n0, int64_t n1) {
-    if (bf16_kernel != nullptr) {
-      avx512_gemm_part(*bf16_kernel, a, b, c, g, lo, hi, trans_b, n0, n1);
-    } else {
-      avx512_gemm_part(*fp32_kernel, a, b, c, g, lo, hi, trans_b, n0, n1);
-    }
+    kernels.with([&](const auto& kernel) {
+      avx512_gemm_part(kernel, a, b, c, g, lo, hi, trans_b, n0, n1);
+    });
   };
   // Parts of a few rows: one pass over b's rows (see vec_kernels.h; avx512_gemm.h's where it
   // runs), when b is nn.Linear-layout.
@@ -271,7 +288,7 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b, const a
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "dsmoe_grouped_gemm_small", [&] {
       if (const auto* vec = cpu::vec_kernels_or_null<scalar_t>()) {
         auto fn = vec->small_gemm_nt;
-        if (const auto own = own_small_gemm_nt<scalar_t>(bf16_kernel, fp32_kernel)) fn = own;
+        if (const auto own = kernels.small_gemm_nt<scalar_t>()) fn = own;
         const scalar_t* ap = a.data_ptr<scalar_t>();
         const scalar_t* bp = b.data_ptr<scalar_t>();
         scalar_t* cp = c.data_ptr<scalar_t>();
@@ -359,11 +376,8 @@ at::Tensor grouped_gemm_wgrad_cpu(const at::Tensor& a_in, const at::Tensor& grad
   }
   // avx512_gemm.h's kernel where the forward runs it: the gradient's rows are the columns of x,
   // a share of a group is a slice of them, in proportion (as below).
-  const cpu::Avx512Gemm<at::BFloat16>* bf16_kernel =
-      a.scalar_type() == at::kBFloat16 ? cpu::bf16_gemm_kernel() : nullptr;
-  const cpu::Avx512Gemm<float>* fp32_kernel =
-      a.scalar_type() == at::kFloat ? cpu::fp32_gemm_kernel() : nullptr;
-  if (bf16_kernel != nullptr || fp32_kernel != nullptr) {
+  const OwnKernels kernels(a.scalar_type());
+  if (kernels.any()) {
     const auto& x = trans_b ? grad_c : a;  // out[g] = x_g^T @ y_g: [N, K] with trans_b, else [K, N]
     const auto& y = trans_b ? a : grad_c;
     const int64_t R = x.size(1);
@@ -371,11 +385,9 @@ at::Tensor grouped_gemm_wgrad_cpu(const at::Tensor& a_in, const at::Tensor& grad
       const int64_t rows_g = off[g + 1] - off[g];
       const int64_t r0 = (lo - off[g]) * R / rows_g, r1 = (hi - off[g]) * R / rows_g;
       if (r1 <= r0) return;
-      if (bf16_kernel != nullptr) {
-        avx512_wgrad_part(*bf16_kernel, x, y, out, g, off[g], rows_g, r0, r1);
-      } else {
-        avx512_wgrad_part(*fp32_kernel, x, y, out, g, off[g], rows_g, r0, r1);
-      }
+      kernels.with([&](const auto& kernel) {
+        avx512_wgrad_part(kernel, x, y, out, g, off[g], rows_g, r0, r1);
+      });
     });
     return out;
   }
