@@ -1,6 +1,6 @@
 # Reads csrc/sources.txt (the one list of compiled sources, also read by setup.py) into
-# DSMOE_OPS_SOURCES, DSMOE_CUDA_SOURCES and DSMOE_PYTHON_SOURCES (absolute paths).
-# Same rules as cmake/dsmoe_sources.py: '<ops|cuda|python> <path>' per line, '#' comments, and
+# DSMOE_OPS_SOURCES, DSMOE_CUDA_SOURCES and DSMOE_PYTHON_SOURCES (absolute paths; simt lines,
+# the emulator's, are checked and skipped). Same rules as cmake/dsmoe_sources.py: '<kind> <path>' per line, '#' comments, and
 # every listed file must exist. CMake re-configures when the list changes.
 function(dsmoe_read_sources root)
   set(manifest "${root}/csrc/sources.txt")
@@ -9,6 +9,7 @@ function(dsmoe_read_sources root)
   set(ops "")
   set(cuda "")
   set(python "")
+  set(simt "")
   set(number 0)
   foreach(line IN LISTS lines)
     math(EXPR number "${number} + 1")
@@ -17,10 +18,10 @@ function(dsmoe_read_sources root)
     if(line STREQUAL "")
       continue()
     endif()
-    string(REGEX MATCH "^(ops|cuda|python)[ \t]+([^ \t]+)$" matched "${line}")
+    string(REGEX MATCH "^(ops|cuda|python|simt)[ \t]+([^ \t]+)$" matched "${line}")
     if(NOT matched)
       message(FATAL_ERROR
-        "csrc/sources.txt:${number}: expected '<ops|cuda|python> <path>', got '${line}'")
+        "csrc/sources.txt:${number}: expected '<ops|cuda|python|simt> <path>', got '${line}'")
     endif()
     set(kind "${CMAKE_MATCH_1}")
     set(path "${root}/${CMAKE_MATCH_2}")

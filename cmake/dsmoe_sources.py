@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-KINDS = ("ops", "cuda", "python")
+KINDS = ("ops", "cuda", "python", "simt")
 
 
 def read_sources(root: str | Path) -> dict[str, list[str]]:

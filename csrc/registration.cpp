@@ -5,7 +5,14 @@
 // S sequences (T = S * L), I expert intermediate size.
 #include <torch/library.h>
 
-TORCH_LIBRARY(dsmoe, m) {
+// The SIMT emulator library (tools/simt_build.py) compiles this file with
+// DSMOE_OPS_NAMESPACE=dsmoe_simt: the same schemas, with the CUDA kernel sources run on the CPU.
+#ifndef DSMOE_OPS_NAMESPACE
+#define DSMOE_OPS_NAMESPACE dsmoe
+#endif
+#define DSMOE_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+
+DSMOE_TORCH_LIBRARY(DSMOE_OPS_NAMESPACE, m) {
   // Routing: fp32 softmax over logits [T,E], top-k of (probs + selection_bias) with ties to the
   // lower expert id, weights = probs of the chosen experts (renormalised to sum 1 if normalize).
   // Returns weights [T,k] (fp32, fp64 for fp64 logits), expert_ids [T,k] int32 (descending

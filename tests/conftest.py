@@ -108,3 +108,19 @@ def redispatch(op, device: str, *args):
     so the device check of that kernel (C++ for cpu/cuda) is what runs."""
     key = {"cpu": torch._C.DispatchKey.CPU, "cuda": torch._C.DispatchKey.CUDA}[device]
     return op.redispatch(torch._C.DispatchKeySet(key), *args)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How much CUDA kernel code the SIMT emulator executed in this run (CI has no GPU)."""
+    if not hasattr(torch.ops, "dsmoe_simt") or not hasattr(torch.ops.dsmoe_simt, "simt_stats"):
+        return
+    try:
+        launches, blocks = torch.ops.dsmoe_simt.simt_stats()
+    except (AttributeError, RuntimeError):
+        return
+    stats = terminalreporter.stats
+    cases = sum(1 for key in ("passed", "failed") for r in stats.get(key, [])
+                if r.when == "call" and "simt" in r.keywords)
+    terminalreporter.write_line(
+        f"SIMT emulator: {cases} CUDA-kernel test cases executed the .cu sources on the CPU "
+        f"({launches} kernel launches, {blocks} blocks)")

@@ -1,60 +1,27 @@
-"""The CUDA kernels of dsmoe against its CPU kernels (and fp64 truth) on random inputs: integers
-exactly, floats within per-dtype tolerances. Plus what only the CUDA path has: every output
-element written (the allocator's memory is poisoned before each call), CUDA-graph capture,
-run-to-run determinism, the CUDA-only behaviour for out-of-range ids, and the CUDA limits.
+"""dsmoe's CUDA kernels against its CPU kernels (and fp64 truth) on random inputs: integers
+exactly, floats within per-dtype tolerances. Plus what only the CUDA kernels have: every output
+element written (new memory is poisoned before each call), CUDA-graph capture, run-to-run
+determinism, the CUDA-only behaviour for out-of-range ids, and the CUDA limits.
 
-Skipped when no GPU is visible; a GPU with a dsmoe build lacking CUDA kernels is an error.
+Every test runs on each backend of kernel_backends.py: "cuda" on a GPU (skipped when none is
+visible), and "simt", the same .cu sources executed on the CPU by the SIMT emulator (always: this
+is how CI, which has no GPU, executes the CUDA kernels; each call runs in two thread orders).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-import dsmoe
 from dsmoe import ops
 from conftest import assert_close, routing
-
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+from kernel_backends import kernels_params, make_kernels
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
-@pytest.fixture(autouse=True)
-def _cuda_build():
-    assert dsmoe.build_info()["cuda"], "a GPU is visible but dsmoe was built without CUDA kernels"
-
-
-def poison():
-    """Fill memory that the caching allocator hands out next with 0xFF bytes (NaN in every float
-    dtype, -1 in int32), so an output element a kernel never wrote cannot pass for a right one."""
-    small = [torch.empty(1 << 20, dtype=torch.uint8, device="cuda") for _ in range(32)]
-    large = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    for t in small + [large]:
-        t.fill_(255)
-    del small, large  # back to the allocator's free lists, still filled
-
-
-def on_cuda(op, *args):
-    """op on CUDA copies of args (tensors) after poisoning; results back on the CPU."""
-    cargs = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
-    poison()
-    out = op(*cargs)
-    torch.cuda.synchronize()
-    if isinstance(out, torch.Tensor):
-        return out.cpu()
-    return tuple(o.cpu() for o in out)
-
-
-def misaligned(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous CUDA copy of t whose data pointer is one element off a 16-byte boundary."""
-    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")
-    view = buf[1:].view(t.shape)
-    view.copy_(t)
-    assert view.is_contiguous() and view.data_ptr() % 16 != 0
-    return view
+@pytest.fixture(params=kernels_params(), scope="module")
+def kern(request):
+    return make_kernels(request.param)
 
 
 # ---------------------------------------------------------------- gate
@@ -140,42 +107,43 @@ GATE_SHAPES = [
 
 @pytest.mark.parametrize("shape", GATE_SHAPES, ids=lambda s: "T{}E{}k{}S{}".format(*s))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gate_matches_cpu(shape, dtype):
+def test_gate_matches_cpu(kern, shape, dtype):
     T, E, k, S = shape
     logits = (torch.randn(T, E, dtype=torch.float64) * 2).to(dtype)
     for normalize in (False, True):
-        out = on_cuda(ops.gate, logits, k, normalize, None, S)
+        out = kern.run("gate", logits, k, normalize, None, S)
         check_gate(out, ops.gate(logits, k, normalize, None, S), logits, k, normalize, None, S)
 
 
 @pytest.mark.parametrize("E,k", [(16, 4), (64, 6), (256, 8), (1024, 16)])
 @pytest.mark.parametrize("bias_dtype", [torch.float32, torch.float64])
-def test_gate_selection_bias_matches_cpu(E, k, bias_dtype):
+def test_gate_selection_bias_matches_cpu(kern, E, k, bias_dtype):
     T, S = 512, 2
     logits = torch.randn(T, E) * 2
     bias = (torch.rand(E, dtype=torch.float64) * 0.2 - 0.1).to(bias_dtype)
     for normalize in (False, True):
-        out = on_cuda(ops.gate, logits, k, normalize, bias, S)
+        out = kern.run("gate", logits, k, normalize, bias, S)
         check_gate(out, ops.gate(logits, k, normalize, bias, S), logits, k, normalize, bias, S)
 
 
 @pytest.mark.parametrize("E", [12, 64, 256, 1024])
-def test_gate_ties_match_cpu_exactly(E):
+def test_gate_ties_match_cpu_exactly(kern, E):
     # Small integer logits tie everywhere: the order must be the CPU's (lower id first).
-    logits = torch.randint(-2, 3, (300, E)).to(torch.bfloat16)
+    # (fewer tokens on the emulator for the widest rows: k = E = 1024 is 1024 rounds of shuffles)
+    logits = torch.randint(-2, 3, (300 if not kern.is_simt or E < 256 else 60, E)).to(torch.bfloat16)
     # bias 0 or 4 (> any prob): it reorders whole groups without making new near ties
     bias = torch.randint(0, 2, (E,)).float() * 4.0
     for k in sorted({1, 4, min(E, 12), E}):
         for b in (None, bias):
             cw, cids, ccounts, csums = ops.gate(logits, k, True, b, 3)
-            w, ids, counts, sums = on_cuda(ops.gate, logits, k, True, b, 3)
+            w, ids, counts, sums = kern.run("gate", logits, k, True, b, 3)
             assert torch.equal(ids, cids)
             assert torch.equal(counts, ccounts)
             assert_close(w, cw, torch.float32)
             assert_close(sums, csums, torch.float32, scale=100.0)
 
 
-def test_gate_nan_rows_match_cpu():
+def test_gate_nan_rows_match_cpu(kern):
     for E, k in [(6, 3), (64, 6), (300, 7)]:
         logits = torch.randn(8, E)
         logits[1] = float("nan")
@@ -185,18 +153,18 @@ def test_gate_nan_rows_match_cpu():
         bias[E // 2] = float("nan")
         for b in (None, bias):
             cw, cids, ccounts, _ = ops.gate(logits, k, False, b, 1)
-            w, ids, counts, _ = on_cuda(ops.gate, logits, k, False, b, 1)
+            w, ids, counts, _ = kern.run("gate", logits, k, False, b, 1)
             assert torch.equal(ids, cids)
             assert torch.equal(counts, ccounts)
             torch.testing.assert_close(w, cw, equal_nan=True, rtol=2e-5, atol=2e-5)
 
 
-def test_gate_sequences_of_any_length():
+def test_gate_sequences_of_any_length(kern):
     # One token per sequence up to one sequence: every tiling of the statistics.
     T, E, k = 4096, 64, 6
     logits = torch.randn(T, E)
     for S in (1, 2, 4, 64, 4096):
-        out = on_cuda(ops.gate, logits, k, False, None, S)
+        out = kern.run("gate", logits, k, False, None, S)
         check_gate(out, ops.gate(logits, k, False, None, S), logits, k, False, None, S)
 
 
@@ -204,7 +172,7 @@ def test_gate_sequences_of_any_length():
                                    (1000, 256, 16, 4), (300, 1024, 8, 3), (2000, 64, 6, 1)],
                          ids=lambda s: "T{}E{}k{}S{}".format(*s))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gate_backward_matches_cpu(shape, dtype):
+def test_gate_backward_matches_cpu(kern, shape, dtype):
     T, E, k, S = shape
     logits = (torch.randn(T, E, dtype=torch.float64) * 2).to(dtype)
     ids = ops.gate(logits, k, False, None, S).expert_ids
@@ -212,12 +180,13 @@ def test_gate_backward_matches_cpu(shape, dtype):
     gs = torch.randn(S, E)
     for normalize in (False, True):
         ref = torch.ops.dsmoe.gate_backward(gw, gs, logits, ids, normalize, S)
-        got = on_cuda(torch.ops.dsmoe.gate_backward, gw, gs, logits, ids, normalize, S)
+        got = kern.run("gate_backward", gw, gs, logits, ids, normalize, S)
         assert got.dtype == dtype
         assert_close(got, ref, dtype, scale=max(1.0, float(ref.abs().max()) if ref.numel() else 1.0))
 
 
-def test_gate_autograd_on_cuda():
+def test_gate_autograd_on_cuda(kern):
+    kern.require_cuda("autograd of the dsmoe ops on CUDA tensors")
     T, E, k, S = 256, 64, 6, 2
     logits = torch.randn(T, E, dtype=torch.float64)
     bias = torch.randn(E, dtype=torch.float64) * 0.05
@@ -231,13 +200,14 @@ def test_gate_autograd_on_cuda():
     assert_close(grads[1], grads[0], torch.float64, scale=float(grads[0].abs().max()))
 
 
-def test_gate_cuda_expert_limit():
+def test_gate_cuda_expert_limit(kern):
     with pytest.raises(RuntimeError, match=r"the CUDA kernel supports num_experts <= 1024"):
-        ops.gate(torch.randn(4, 1025, device="cuda"), 2)
+        kern.op("gate")(torch.randn(4, 1025, device=kern.device), 2, False, None, 1)
     with pytest.raises(RuntimeError, match=r"the CUDA kernel supports num_experts <= 1024"):
-        torch.ops.dsmoe.gate_backward(
-            torch.zeros(4, 2, device="cuda"), torch.zeros(1, 1025, device="cuda"),
-            torch.randn(4, 1025, device="cuda"), torch.zeros(4, 2, dtype=torch.int32, device="cuda"), False, 1)
+        dev = kern.device
+        kern.op("gate_backward")(
+            torch.zeros(4, 2, device=dev), torch.zeros(1, 1025, device=dev),
+            torch.randn(4, 1025, device=dev), torch.zeros(4, 2, dtype=torch.int32, device=dev), False, 1)
 
 
 # ---------------------------------------------------------------- permute
@@ -270,45 +240,45 @@ def _pid(s):
 
 @pytest.mark.parametrize("shape", PERMUTE_SHAPES, ids=_pid)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_permute_matches_cpu(shape, dtype):
+def test_permute_matches_cpu(kern, shape, dtype):
     T, h, E, k, mode = shape
     x = torch.randn(T, h).to(dtype)
     ids = routing(T, k, E, "cpu", mode)
     ref = ops.permute(x, ids, E)
-    got = on_cuda(ops.permute, x, ids, E)
+    got = kern.run("permute", x, ids, E)
     for name, a, b in zip(("x_perm", "row_map", "expert_offsets"), got, ref):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert torch.equal(a, b), name  # integer math and copies: bit-exact
 
 
-def test_permute_one_hot_expert():
+def test_permute_one_hot_expert(kern):
     T, h, E, k = 5000, 64, 64, 6
     ids = routing(T, k, E, "cpu", "uniform")
     ids[:, 0] = 0  # every token picks expert 0 (routing keeps the rows distinct otherwise)
     ids[:, 1:] = torch.where(ids[:, 1:] == 0, torch.full_like(ids[:, 1:], E - 1), ids[:, 1:])
     x = torch.randn(T, h, dtype=torch.bfloat16)
     ref = ops.permute(x, ids, E)
-    got = on_cuda(ops.permute, x, ids, E)
+    got = kern.run("permute", x, ids, E)
     for a, b in zip(got, ref):
         assert torch.equal(a, b)
 
 
-def test_permute_misaligned_rows():
+def test_permute_misaligned_rows(kern):
     # x one element off 16 bytes: the copy falls back to narrower units.
     T, h, E, k = 300, 64, 16, 4
     ids = routing(T, k, E, "cpu")
     for dtype in DTYPES:
         x = torch.randn(T, h).to(dtype)
         ref = ops.permute(x, ids, E)
-        xc = misaligned(x.cuda())
-        poison()
-        got = [o.cpu() for o in ops.permute(xc, ids.cuda(), E)]
+        xc = kern.misaligned(x)
+        kern.poison()
+        got = [o.cpu() for o in kern.op("permute")(xc, kern.to(ids), E)]
         for a, b in zip(got, ref):
             assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("M_tokens", [300, 5000])
-def test_permute_out_of_range_ids_go_last(M_tokens):
+def test_permute_out_of_range_ids_go_last(kern, M_tokens):
     # CUDA cannot raise on values without a device-to-host copy: ids outside [0, E) get the rows
     # after the last expert, in entry order; row_map stays a permutation.
     T, h, E, k = M_tokens, 8, 10, 3
@@ -316,7 +286,7 @@ def test_permute_out_of_range_ids_go_last(M_tokens):
     bad = torch.rand(T, k) < 0.1
     ids[bad] = torch.where(torch.rand(int(bad.sum())) < 0.5, -1, E).to(torch.int32)
     x = torch.randn(T, h)
-    x_perm, row_map, offsets = on_cuda(ops.permute, x, ids, E)
+    x_perm, row_map, offsets = kern.run("permute", x, ids, E)
     flat = ids.flatten()
     valid = (flat >= 0) & (flat < E)
     n_valid = int(valid.sum())
@@ -332,11 +302,11 @@ def test_permute_out_of_range_ids_go_last(M_tokens):
     assert torch.equal(x_perm[row_map.long()], x.repeat_interleave(k, 0))
 
 
-def test_permute_cuda_expert_limit():
-    x = torch.randn(4, 8, device="cuda")
-    ids = torch.zeros(4, 2, dtype=torch.int32, device="cuda")
+def test_permute_cuda_expert_limit(kern):
+    x = torch.randn(4, 8, device=kern.device)
+    ids = torch.zeros(4, 2, dtype=torch.int32, device=kern.device)
     with pytest.raises(RuntimeError, match=r"the CUDA kernel supports num_experts <= 8192"):
-        ops.permute(x, ids, 8193)
+        kern.op("permute")(x, ids, 8193)
 
 
 # (T, h, k): h of one element, odd, a multiple of 8 or not, wide rows
@@ -351,7 +321,7 @@ def _routing_map(T, k, E=16):
 
 @pytest.mark.parametrize("shape", GATHER_SHAPES, ids=lambda s: "T{}h{}k{}".format(*s))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_unpermute_and_backward_match_cpu(shape, dtype):
+def test_unpermute_and_backward_match_cpu(kern, shape, dtype):
     T, h, k = shape
     row_map = _routing_map(T, k)
     y_perm = torch.randn(T * k, h).to(dtype)
@@ -359,18 +329,18 @@ def test_unpermute_and_backward_match_cpu(shape, dtype):
     weights = torch.rand(T, k, dtype=wdtype)
     grad_y = torch.randn(T, h).to(dtype)
     scale = float(k) ** 0.5
-    assert_close(on_cuda(ops.unpermute, y_perm, row_map, weights), ops.unpermute(y_perm, row_map, weights),
+    assert_close(kern.run("unpermute", y_perm, row_map, weights), ops.unpermute(y_perm, row_map, weights),
                  dtype, scale=scale)
-    assert_close(on_cuda(torch.ops.dsmoe.permute_backward, y_perm, row_map, k),
+    assert_close(kern.run("permute_backward", y_perm, row_map, k),
                  torch.ops.dsmoe.permute_backward(y_perm, row_map, k), dtype, scale=scale)
-    gyp, gw = on_cuda(torch.ops.dsmoe.unpermute_backward, grad_y, y_perm, row_map, weights)
+    gyp, gw = kern.run("unpermute_backward", grad_y, y_perm, row_map, weights)
     rgyp, rgw = torch.ops.dsmoe.unpermute_backward(grad_y, y_perm, row_map, weights)
     assert gyp.dtype == dtype and gw.dtype == wdtype
     assert_close(gyp, rgyp, dtype)
     assert_close(gw, rgw, wdtype, scale=max(1.0, float(h) ** 0.5))
 
 
-def test_unpermute_bf16_weights_and_misaligned():
+def test_unpermute_bf16_weights_and_misaligned(kern):
     T, h, k = 200, 64, 6
     row_map = _routing_map(T, k)
     for dtype in (torch.bfloat16, torch.float32):
@@ -379,21 +349,22 @@ def test_unpermute_bf16_weights_and_misaligned():
         grad_y = torch.randn(T, h).to(dtype)
         ref = ops.unpermute(y_perm, row_map, weights)
         rgyp, rgw = torch.ops.dsmoe.unpermute_backward(grad_y, y_perm, row_map, weights)
-        yc, gc = misaligned(y_perm.cuda()), misaligned(grad_y.cuda())
-        mc, wc = row_map.cuda(), weights.cuda()
-        poison()
-        assert_close(ops.unpermute(yc, mc, wc).cpu(), ref, dtype, scale=float(k) ** 0.5)
-        poison()
-        gyp, gw = torch.ops.dsmoe.unpermute_backward(gc, yc, mc, wc)
+        yc, gc = kern.misaligned(y_perm), kern.misaligned(grad_y)
+        mc, wc = kern.to(row_map), kern.to(weights)
+        kern.poison()
+        assert_close(kern.op("unpermute")(yc, mc, wc).cpu(), ref, dtype, scale=float(k) ** 0.5)
+        kern.poison()
+        gyp, gw = kern.op("unpermute_backward")(gc, yc, mc, wc)
         assert gw.dtype == torch.bfloat16
         assert_close(gyp.cpu(), rgyp, dtype)
         assert_close(gw.cpu(), rgw, torch.bfloat16, scale=float(h) ** 0.5)
-        poison()
-        assert_close(torch.ops.dsmoe.permute_backward(yc, mc, k).cpu(),
+        kern.poison()
+        assert_close(kern.op("permute_backward")(yc, mc, k).cpu(),
                      torch.ops.dsmoe.permute_backward(y_perm, row_map, k), dtype, scale=float(k) ** 0.5)
 
 
-def test_layer_routing_autograd_on_cuda():
+def test_layer_routing_autograd_on_cuda(kern):
+    kern.require_cuda("autograd of the dsmoe ops on CUDA tensors")
     # permute -> unpermute with autograd on both devices: the same gradients.
     T, h, E, k = 300, 40, 16, 4
     ids = routing(T, k, E, "cpu", "skewed")
@@ -416,51 +387,52 @@ SWIGLU_SHAPES = [(1, 1), (7, 3), (64, 8), (33, 352), (100, 1408), (5, 1001), (0,
 
 @pytest.mark.parametrize("shape", SWIGLU_SHAPES, ids=lambda s: "M{}I{}".format(*s))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_swiglu_matches_cpu(shape, dtype):
+def test_swiglu_matches_cpu(kern, shape, dtype):
     M, I = shape
     gate_up = (torch.randn(M, 2 * I) * 3).to(dtype)
     grad = torch.randn(M, I).to(dtype)
-    assert_close(on_cuda(ops.swiglu, gate_up), ops.swiglu(gate_up), dtype, scale=4.0)
+    assert_close(kern.run("swiglu", gate_up), ops.swiglu(gate_up), dtype, scale=4.0)
     ref = torch.ops.dsmoe.swiglu_backward(grad, gate_up)
-    assert_close(on_cuda(torch.ops.dsmoe.swiglu_backward, grad, gate_up), ref, dtype, scale=4.0)
+    assert_close(kern.run("swiglu_backward", grad, gate_up), ref, dtype, scale=4.0)
 
 
-def test_swiglu_misaligned_and_mixed_grad_dtype():
+def test_swiglu_misaligned_and_mixed_grad_dtype(kern):
     M, I = 50, 64
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         gate_up = torch.randn(M, 2 * I).to(dtype)
         grad = torch.randn(M, I)  # fp32 grad for a bf16/fp16 activation is rounded first, as on the CPU
-        gc = misaligned(gate_up.cuda())
-        poison()
-        assert_close(ops.swiglu(gc).cpu(), ops.swiglu(gate_up), dtype, scale=4.0)
-        poison()
-        got = torch.ops.dsmoe.swiglu_backward(misaligned(grad.cuda()), gc).cpu()
+        gc = kern.misaligned(gate_up)
+        kern.poison()
+        assert_close(kern.op("swiglu")(gc).cpu(), ops.swiglu(gate_up), dtype, scale=4.0)
+        kern.poison()
+        got = kern.op("swiglu_backward")(kern.misaligned(grad), gc).cpu()
         assert_close(got, torch.ops.dsmoe.swiglu_backward(grad, gate_up), dtype, scale=4.0)
 
 
 # ---------------------------------------------------------------- the chain: graphs, determinism
 
 
-def _chain(logits, x, grad_y, E, k, S):
+def _chain(ns, logits, x, grad_y, E, k, S):
     """gate -> permute -> (a stand-in expert: swiglu of [x_perm | flipped x_perm]) -> unpermute,
     and the backward ops, all on the current stream. Elementwise torch ops only besides dsmoe's,
     so every output is bitwise reproducible."""
-    w, ids, counts, sums = torch.ops.dsmoe.gate(logits, k, True, None, S)
-    x_perm, row_map, offsets = torch.ops.dsmoe.permute(x, ids, E)
+    w, ids, counts, sums = ns.gate(logits, k, True, None, S)
+    x_perm, row_map, offsets = ns.permute(x, ids, E)
     gate_up = torch.cat([x_perm, x_perm.flip(1)], 1)
-    act = torch.ops.dsmoe.swiglu(gate_up)
-    y = torch.ops.dsmoe.unpermute(act, row_map, w)
-    d_act, d_w = torch.ops.dsmoe.unpermute_backward(grad_y, act, row_map, w)
-    d_gate_up = torch.ops.dsmoe.swiglu_backward(d_act, gate_up)
+    act = ns.swiglu(gate_up)
+    y = ns.unpermute(act, row_map, w)
+    d_act, d_w = ns.unpermute_backward(grad_y, act, row_map, w)
+    d_gate_up = ns.swiglu_backward(d_act, gate_up)
     h = x.shape[1]
     d_x_perm = d_gate_up[:, :h] + d_gate_up[:, h:].flip(1)
-    d_x = torch.ops.dsmoe.permute_backward(d_x_perm, row_map, k)
-    d_logits = torch.ops.dsmoe.gate_backward(d_w, torch.ones_like(sums), logits, ids, True, S)
+    d_x = ns.permute_backward(d_x_perm, row_map, k)
+    d_logits = ns.gate_backward(d_w, torch.ones_like(sums), logits, ids, True, S)
     return [w, ids, counts, sums, x_perm, row_map, offsets, y, d_act, d_w, d_gate_up, d_x, d_logits]
 
 
 @pytest.mark.parametrize("T", [48, 2048])  # single-kernel routing, and multi-tile routing + stats
-def test_cuda_graph_capture_and_replay(T):
+def test_cuda_graph_capture_and_replay(kern, T):
+    kern.require_cuda("CUDA graphs")
     h, E, k, S = 64, 16, 4, 2
     dev = "cuda"
     logits, x = torch.randn(T, E, device=dev), torch.randn(T, h, device=dev)
@@ -469,29 +441,32 @@ def test_cuda_graph_capture_and_replay(T):
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the capture stream, as torch requires
         for _ in range(2):
-            _chain(logits, x, grad_y, E, k, S)
+            _chain(kern.ns, logits, x, grad_y, E, k, S)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):  # raises on any host sync inside
-        static_out = _chain(logits, x, grad_y, E, k, S)
+        static_out = _chain(kern.ns, logits, x, grad_y, E, k, S)
     for _ in range(2):  # new inputs into the captured buffers
         logits.copy_(torch.randn(T, E, device=dev) * 2)
         x.copy_(torch.randn(T, h, device=dev))
         graph.replay()
-        eager = _chain(logits, x, grad_y, E, k, S)
+        eager = _chain(kern.ns, logits, x, grad_y, E, k, S)
         torch.cuda.synchronize()
         for i, (a, b) in enumerate(zip(static_out, eager)):
             assert torch.equal(a, b), f"output {i} of the replayed graph differs from eager"
 
 
-def test_outputs_are_deterministic():
+def test_outputs_are_deterministic(kern):
     T, h, E, k, S = 4096, 128, 64, 6, 4
-    dev = "cuda"
+    dev = kern.device
     logits, x = torch.randn(T, E, device=dev), torch.randn(T, h, device=dev)
     grad_y = torch.randn(T, h, device=dev)
-    first = _chain(logits, x, grad_y, E, k, S)
-    for _ in range(3):
-        poison()
-        again = _chain(logits, x, grad_y, E, k, S)
+    ns = kern.ns if not kern.is_simt else type("Ops", (), {n: staticmethod(kern.op(n)) for n in (
+        "gate", "permute", "swiglu", "unpermute", "unpermute_backward", "swiglu_backward", "permute_backward",
+        "gate_backward")})
+    first = _chain(ns, logits, x, grad_y, E, k, S)
+    for _ in range(3 if not kern.is_simt else 1):
+        kern.poison()
+        again = _chain(ns, logits, x, grad_y, E, k, S)
         for i, (a, b) in enumerate(zip(first, again)):
             assert torch.equal(a, b), f"output {i} changed between identical runs"

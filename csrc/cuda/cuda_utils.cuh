@@ -1,17 +1,106 @@
-// Helpers shared by the memory-bound CUDA kernels of dsmoe (gate.cu, permute.cu, swiglu.cu):
-// aligned vector accesses, fixed-order (deterministic) warp and block reductions, launch sizes.
+// Helpers shared by the CUDA kernels of dsmoe (gate.cu, permute.cu, swiglu.cu, grouped_gemm.cu):
+// aligned vector accesses, fixed-order (deterministic) warp and block reductions, launch sizes,
+// the one launch function, and the registration macro.
+//
+// The same sources build for the GPU (nvcc) and for the SIMT emulator (a C++ compiler with
+// DSMOE_SIMT; see simt.cuh): in the emulator build the few host-side CUDA names the entry points
+// use (CUDAGuard, the current stream, device properties, the launch check) are stand-ins, tensors
+// live on the CPU, and the kernels register as the CPU kernels of the `dsmoe_simt` op namespace
+// (same schemas as `dsmoe`, csrc/registration.cpp), so tests call torch.ops.dsmoe_simt.*.
 #pragma once
 
 #include <ATen/ATen.h>
+
+#if defined(__CUDACC__)
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#endif
 
 #include <cstdint>
+#include <cstdlib>
+#include <exception>
+#include <tuple>
 #include <type_traits>
+#include <utility>
+
+#include "simt.cuh"
+
+#if !defined(__CUDACC__)
+// Host-side stand-ins for the emulator build (CPU tensors, synchronous launches).
+using cudaStream_t = struct CUstream_st*;
+struct cudaDeviceProp {
+  int multiProcessorCount;
+  int major;
+  int minor;
+};
+namespace c10 {
+namespace cuda {
+struct CUDAGuard {
+  explicit CUDAGuard(c10::Device) {}
+};
+}  // namespace cuda
+}  // namespace c10
+namespace at {
+namespace cuda {
+inline cudaStream_t getCurrentCUDAStream() { return nullptr; }
+// An H100 SXM unless DSMOE_SIMT_SM_COUNT says otherwise: the host code sizes grids from it.
+inline const cudaDeviceProp* getDeviceProperties(int64_t) {
+  static const cudaDeviceProp props = [] {
+    const char* env = std::getenv("DSMOE_SIMT_SM_COUNT");
+    return cudaDeviceProp{env != nullptr ? std::atoi(env) : 132, 9, 0};
+  }();
+  return &props;
+}
+inline const cudaDeviceProp* getCurrentDeviceProperties() { return getDeviceProperties(0); }
+}  // namespace cuda
+}  // namespace at
+#define C10_CUDA_KERNEL_LAUNCH_CHECK() \
+  do {                                 \
+  } while (0)
+#define DSMOE_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(dsmoe_simt, CPU, m)
+#else
+#define DSMOE_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(dsmoe, CUDA, m)
+#endif
 
 namespace dsmoe {
 namespace cuda {
+
+// Launches kernel<<<grid, block, dynamic_smem, stream>>>(args...) after checking CUDA's launch
+// limits (an error naming the kernel instead of a launch failure), then checks the launch. In the
+// emulator build the kernel runs on the CPU before this returns. Call through DSMOE_LAUNCH.
+template <typename... KArgs, typename... Args>
+void launch_kernel(const char* name, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t dynamic_smem,
+                   cudaStream_t stream, Args&&... args) {
+#if defined(__CUDACC__)
+  size_t limit = simt::kDefaultDynamicSmemLimit;
+  if (dynamic_smem > limit) {
+    cudaFuncAttributes attr{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    limit = size_t(attr.maxDynamicSharedSizeBytes);
+  }
+  const std::string error = simt::launch_config_error(grid, block, dynamic_smem, limit);
+  TORCH_CHECK(error.empty(), "dsmoe: launch of ", name, ": ", error);
+  kernel<<<grid, block, dynamic_smem, stream>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#else
+  (void)stream;
+  std::tuple<KArgs...> params(std::forward<Args>(args)...);  // converted as a launch converts them
+  try {
+    simt::launch(name, grid, block, dynamic_smem, reinterpret_cast<const void*>(kernel),
+                 [&] { std::apply(kernel, params); });
+  } catch (const c10::Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "dsmoe SIMT: ", e.what());
+  }
+#endif
+}
+
+// DSMOE_LAUNCH(kernel, grid, block, dynamic_smem, stream, args...); a kernel name holding commas
+// goes in parentheses: DSMOE_LAUNCH((k<a, b>), ...).
+#define DSMOE_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ::dsmoe::cuda::launch_kernel(#kernel, kernel, grid, block, smem, stream, __VA_ARGS__)
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
@@ -41,6 +130,7 @@ struct RawBits<2> { using type = uint16_t; };
 template <int N, typename T>
 __device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
   using Raw = typename RawBits<sizeof(Vec<T, N>)>::type;
+  simt::check_aligned(p, int(sizeof(Raw)));
   const Raw raw = *reinterpret_cast<const Raw*>(p);
   Vec<T, N> v;
   memcpy(&v, &raw, sizeof(v));
@@ -52,15 +142,21 @@ __device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
 template <int N, typename T>
 __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
   constexpr int kBytes = sizeof(Vec<T, N>);
+  simt::check_aligned(p, kBytes);
+#if defined(DSMOE_SIMT)
+  if constexpr (false) {
+#else
   if constexpr (kBytes == 16) {
     uint32_t w[4];
     memcpy(w, &v, 16);
     asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]),
-                 "r"(w[3]));
+                 "r"(w[3])
+                 : "memory");
   } else if constexpr (kBytes == 8) {
     uint32_t w[2];
     memcpy(w, &v, 8);
-    asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(w[0]), "r"(w[1]));
+    asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(w[0]), "r"(w[1]) : "memory");
+#endif
   } else {
     using Raw = typename RawBits<kBytes>::type;
     Raw raw;
@@ -100,10 +196,15 @@ __device__ __forceinline__ T group_max(T v) {
   return v;
 }
 
+// Lanes of the warp below the calling lane (PTX %lanemask_lt).
 __device__ __forceinline__ unsigned lanemask_lt() {
+#if defined(DSMOE_SIMT)
+  return (1u << simt::lane_id()) - 1u;
+#else
   unsigned m;
   asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
   return m;
+#endif
 }
 
 // Exclusive prefix sum of one int per thread across the block (blockDim.x a multiple of 32, at

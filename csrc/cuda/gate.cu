@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kThreads)
                         int32_t* __restrict__ stats_counts,   // [S * tiles, E]
                         acc_t* __restrict__ stats_sums,       // [S * tiles, E]
                         int64_t L, int E, int k, int tiles, int64_t tile_tokens, bool normalize) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DSMOE_DYNAMIC_SHARED(unsigned char, smem_raw);
   acc_t* s_sums = reinterpret_cast<acc_t*>(smem_raw);   // [E]
   int* s_counts = reinterpret_cast<int*>(s_sums + E);   // [E]
 
@@ -378,20 +378,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_cuda(
         part_sums = at::empty({S * tiles, E}, score_sums.options());
       }
       const size_t smem = static_cast<size_t>(E) * (sizeof(acc_t) + sizeof(int));
-      gate_forward_kernel<scalar_t, acc_t, G, VPT><<<static_cast<unsigned>(S * tiles), kThreads, smem, stream>>>(
-          logits.data_ptr<scalar_t>(), bias.has_value() ? bias->data_ptr<acc_t>() : nullptr,
+      DSMOE_LAUNCH((gate_forward_kernel<scalar_t, acc_t, G, VPT>), static_cast<unsigned>(S * tiles), kThreads, smem, stream, logits.data_ptr<scalar_t>(), bias.has_value() ? bias->data_ptr<acc_t>() : nullptr,
           weights.data_ptr<acc_t>(), expert_ids.data_ptr<int32_t>(), part_counts.data_ptr<int32_t>(),
           part_sums.data_ptr<acc_t>(), L, static_cast<int>(E), static_cast<int>(k),
           static_cast<int>(tiles), tile_tokens, normalize);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (tiles > 1) {
         const int64_t blocks = S * ceil_div(E, 32);
         TORCH_CHECK(blocks <= int64_t(0x7fffffff), "dsmoe.gate: too many sequences for one launch");
-        gate_stats_reduce_kernel<acc_t><<<static_cast<unsigned>(blocks), dim3(32, 32), 0, stream>>>(
-            part_counts.data_ptr<int32_t>(), part_sums.data_ptr<acc_t>(),
+        DSMOE_LAUNCH(gate_stats_reduce_kernel<acc_t>, static_cast<unsigned>(blocks), dim3(32, 32), 0, stream, part_counts.data_ptr<int32_t>(), part_sums.data_ptr<acc_t>(),
             tokens_per_expert.data_ptr<int32_t>(), score_sums.data_ptr<acc_t>(), static_cast<int>(E),
             static_cast<int>(tiles));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
   });
@@ -418,11 +414,9 @@ at::Tensor gate_backward_cuda(const at::Tensor& grad_weights_in, const at::Tenso
     using acc_t = at::opmath_type<scalar_t>;
     with_layout(E, [&](auto g_c, auto vpt_c) {
       constexpr int G = decltype(g_c)::value, VPT = decltype(vpt_c)::value;
-      gate_backward_kernel<scalar_t, acc_t, G, VPT><<<grid_for(T, kThreads / G), kThreads, 0, stream>>>(
-          grad_weights.data_ptr<acc_t>(), grad_sums.data_ptr<acc_t>(), logits.data_ptr<scalar_t>(),
+      DSMOE_LAUNCH((gate_backward_kernel<scalar_t, acc_t, G, VPT>), grid_for(T, kThreads / G), kThreads, 0, stream, grad_weights.data_ptr<acc_t>(), grad_sums.data_ptr<acc_t>(), logits.data_ptr<scalar_t>(),
           expert_ids.data_ptr<int32_t>(), grad_logits.data_ptr<scalar_t>(), T, L,
           static_cast<int>(E), static_cast<int>(k), normalize);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return grad_logits;
@@ -430,7 +424,7 @@ at::Tensor gate_backward_cuda(const at::Tensor& grad_weights_in, const at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dsmoe, CUDA, m) {
+DSMOE_CUDA_LIBRARY_IMPL(m) {
   m.impl("gate", &gate_cuda);                    // fused softmax + top-k + statistics
   m.impl("gate_backward", &gate_backward_cuda);  // d logits, one kernel
 }

@@ -21,6 +21,7 @@
 // through shared memory, accumulation in fp32 (fp64 for fp64). Forward tiles are numbered per
 // group (a prefix sum of ceil(rows_g / 64) computed on the device); the weight gradient gives
 // each block one output tile of one expert and loops over that expert's rows.
+#include "cuda_utils.cuh"
 #include "grouped_gemm.cuh"
 
 #include "../check.h"
@@ -30,12 +31,7 @@
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
-
-#include <cub/block/block_scan.cuh>
 
 #include <algorithm>
 #include <cstdio>
@@ -56,14 +52,12 @@ constexpr int kTileK = 16;
 constexpr int kThreads = 256;  // 16 x 16 threads, 4 x 4 outputs each
 
 // tile_starts[g] = sum over groups before g of ceil(rows_g / kTileM); tile_starts[E] = total.
-// One block; groups in chunks of its size with the running total carried between chunks.
+// One block of 1024 threads; groups in chunks of its size with the running total carried between
+// chunks (block_exclusive_scan ends with a barrier, so carry is read before it changes).
 __global__ void __launch_bounds__(1024)
     tile_starts_kernel(const int32_t* offsets, int64_t rows, int64_t E, int32_t* tile_starts) {
-  using BlockScan = cub::BlockScan<int32_t, 1024>;
-  __shared__ typename BlockScan::TempStorage scan_storage;
-  __shared__ int32_t carry;
-  if (threadIdx.x == 0) carry = 0;
-  __syncthreads();
+  __shared__ int32_t scratch[32];
+  int32_t carry = 0;
   for (int64_t chunk = 0; chunk < E; chunk += 1024) {
     const int64_t g = chunk + threadIdx.x;
     int32_t tiles = 0;
@@ -72,14 +66,30 @@ __global__ void __launch_bounds__(1024)
       group_rows(offsets, g, rows, begin, end);
       tiles = int32_t((end - begin + kTileM - 1) / kTileM);
     }
-    int32_t before, chunk_total;
-    BlockScan(scan_storage).ExclusiveSum(tiles, before, chunk_total);
+    int chunk_total;
+    const int32_t before = cuda::block_exclusive_scan(tiles, scratch, chunk_total);
     if (g < E) tile_starts[g] = carry + before;
-    __syncthreads();  // everyone has read carry and scan_storage
-    if (threadIdx.x == 0) carry += chunk_total;
-    __syncthreads();
+    carry += chunk_total;
   }
   if (threadIdx.x == 0) tile_starts[E] = carry;
+}
+
+// Rows of c outside [offsets[0], offsets[E]) belong to no group (ids outside [0, E) that permute
+// put after the last expert, padding): zeros, so that nothing downstream reads garbage. The
+// offsets are read on the device; a grid-stride loop over the rows x N elements.
+template <typename scalar_t>
+__global__ void __launch_bounds__(256)
+    zero_ungrouped_rows_kernel(scalar_t* __restrict__ c, const int32_t* __restrict__ offsets, int64_t rows,
+                               int64_t N, int64_t E) {
+  int64_t first, last;  // grouped rows [first, last)
+  group_rows(offsets, 0, rows, first, last);
+  int64_t unused;
+  group_rows(offsets, E - 1, rows, unused, last);
+  const int64_t before = first * N, after = (rows - last) * N;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < before + after; i += stride) {
+    c[i < before ? i : last * N + (i - before)] = scalar_t(0);
+  }
 }
 
 // Multiply-accumulate of one kTileK step: acc[i][j] += As[k][ty + 16 i] * Bs[k][tx + 16 j].
@@ -231,6 +241,11 @@ __global__ void zero_empty_groups_kernel(uint8_t* out, int64_t group_bytes,
   }
 }
 
+// ---------------------------------------------------------------- path choice
+
+enum class Path { kSm90, kSm80, kSimt };
+
+#if defined(DSMOE_WITH_CUTLASS)
 // Marks which image of this file the device loaded: only the sm_90a one has an 8 KB shared
 // array (far above the 1 KB some tools count as reserved), which cudaFuncGetAttributes reports
 // without running anything. Never launched.
@@ -245,10 +260,6 @@ __global__ void sm90a_probe_kernel(int* sink) {
   if (sink != nullptr) sink[threadIdx.x] = 0;
 #endif
 }
-
-// ---------------------------------------------------------------- path choice
-
-enum class Path { kSm90, kSm80, kSimt };
 
 bool has_sm90a_image(int device) {
   static std::mutex mutex;
@@ -267,6 +278,7 @@ bool has_sm90a_image(int device) {
   cache.emplace(device, yes);
   return yes;
 }
+#endif  // DSMOE_WITH_CUTLASS
 
 const char* env_or(const char* name, const char* fallback) {
   const char* value = std::getenv(name);
@@ -319,6 +331,13 @@ void report(const char* op, Path path, const Problem& p) {
 }
 
 void run_tensor_cores(Path path, const Problem& p, at::ScalarType dtype) {
+#if defined(DSMOE_SIMT)
+  // The emulator has no tensor cores; choose_path never picks them without CUTLASS.
+  (void)path;
+  (void)p;
+  (void)dtype;
+  TORCH_CHECK(false, "dsmoe.grouped_gemm: no tensor-core path in the SIMT emulator");
+#else
   const bool bf16 = dtype == at::kBFloat16;
   if (path == Path::kSm90) {
     const Tile tile = preferred_tile();
@@ -330,6 +349,7 @@ void run_tensor_cores(Path path, const Problem& p, at::ScalarType dtype) {
   } else {
     if (bf16) sm80_run_bf16(p); else sm80_run_fp16(p);
   }
+#endif
 }
 
 int64_t grid_rows_limit() { return (int64_t(1) << 31) - 1; }
@@ -366,6 +386,11 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
 
   const Path path = choose_path(p, a.scalar_type());
   report("grouped_gemm", path, p);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "dsmoe_grouped_gemm_zero", [&] {
+    const int64_t blocks = std::min<int64_t>((rows * N + 255) / 256, int64_t(p.sm_count) * 2);
+    DSMOE_LAUNCH(zero_ungrouped_rows_kernel<scalar_t>, static_cast<unsigned>(std::max<int64_t>(blocks, 1)), 256, 0,
+                 p.stream, c.data_ptr<scalar_t>(), p.offsets, rows, N, E);
+  });
   if (path != Path::kSimt) {
     run_tensor_cores(path, p, a.scalar_type());
     return c;
@@ -377,16 +402,13 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
               "dsmoe.grouped_gemm (CUDA): problem too large for the CUDA-core kernel (rows=", rows,
               ", N=", N, ")");
   auto tile_starts = at::empty({E + 1}, offsets.options());
-  tile_starts_kernel<<<1, 1024, 0, p.stream>>>(p.offsets, rows, E, tile_starts.data_ptr<int32_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  DSMOE_LAUNCH(tile_starts_kernel, 1, 1024, 0, p.stream, p.offsets, rows, E, tile_starts.data_ptr<int32_t>());
   const dim3 grid(static_cast<unsigned>(slots), static_cast<unsigned>(col_tiles));
   const auto dtype = a.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dsmoe_grouped_gemm", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    simt_forward_kernel<scalar_t, acc_t><<<grid, kThreads, 0, p.stream>>>(
-        a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), p.offsets,
+    DSMOE_LAUNCH((simt_forward_kernel<scalar_t, acc_t>), grid, kThreads, 0, p.stream, a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), p.offsets,
         tile_starts.data_ptr<int32_t>(), rows, K, N, E, trans_b);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return c;
 }
@@ -428,9 +450,7 @@ at::Tensor grouped_gemm_wgrad_cuda(const at::Tensor& a_in, const at::Tensor& gra
     const int64_t group_bytes = p.M * p.N * int64_t(out.element_size());
     const int64_t chunks = std::min<int64_t>((group_bytes / 16 + 255) / 256 + 1, 1024);
     const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(experts_per_launch));
-    zero_empty_groups_kernel<<<grid, 256, 0, p.stream>>>(
-        static_cast<uint8_t*>(p.d), group_bytes, p.offsets, rows, E);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    DSMOE_LAUNCH(zero_empty_groups_kernel, grid, 256, 0, p.stream, static_cast<uint8_t*>(p.d), group_bytes, p.offsets, rows, E);
     run_tensor_cores(path, p, a.scalar_type());
     return out;
   }
@@ -442,10 +462,8 @@ at::Tensor grouped_gemm_wgrad_cuda(const at::Tensor& a_in, const at::Tensor& gra
   const auto dtype = a.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dsmoe_grouped_gemm_wgrad", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    simt_wgrad_kernel<scalar_t, acc_t><<<grid, kThreads, 0, p.stream>>>(
-        x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), p.offsets, rows,
+    DSMOE_LAUNCH((simt_wgrad_kernel<scalar_t, acc_t>), grid, kThreads, 0, p.stream, x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), p.offsets, rows,
         p.M, p.N, E);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
@@ -453,7 +471,7 @@ at::Tensor grouped_gemm_wgrad_cuda(const at::Tensor& a_in, const at::Tensor& gra
 }  // namespace
 }  // namespace grouped_gemm_cuda
 
-TORCH_LIBRARY_IMPL(dsmoe, CUDA, m) {
+DSMOE_CUDA_LIBRARY_IMPL(m) {
   // c[g] = a[g] @ b[e] per expert row group; offsets read on the device only.
   m.impl("grouped_gemm", &grouped_gemm_cuda::grouped_gemm_cuda);
   // Per-expert a[g]^T @ grad_c[g] (variable K), fp32 accumulation, zeros for empty experts.

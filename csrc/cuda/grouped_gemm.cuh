@@ -10,7 +10,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#if defined(__CUDACC__)
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 

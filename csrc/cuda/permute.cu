@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kThreads)
     permute_histogram_kernel(const int32_t* __restrict__ ids,  // [M]
                              int32_t* __restrict__ tile_counts,  // [E+1, tiles]
                              int64_t M, int E, int64_t tile_entries, int tiles) {
-  extern __shared__ int hist[];  // [E+1]
+  DSMOE_DYNAMIC_SHARED(int, hist);  // [E+1]
   for (int b = threadIdx.x; b <= E; b += blockDim.x) hist[b] = 0;
   __syncthreads();
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * tile_entries;
@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(kThreads)
                         int32_t* __restrict__ row_map,          // [M]
                         int32_t* __restrict__ offsets,          // [E+1], single tile only
                         int64_t M, int E, int segment, int tiles) {
-  extern __shared__ int smem[];
+  DSMOE_DYNAMIC_SHARED(int, smem);
   const int B = E + 1, nwarps = blockDim.x / 32;
   int* hist = smem;                   // [nwarps][B]: running count of each bucket per warp
   int* scratch = smem + nwarps * B;   // [32]
@@ -344,26 +344,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cuda(const at::Tensor& x_
 
   if (M <= int64_t(nwarps) * kFusedSegment) {
     const int segment = static_cast<int>(ceil_div(ceil_div(M, nwarps), 32) * 32);
-    permute_rank_kernel<<<1, threads, rank_smem, stream>>>(id_p, nullptr, map_p, offsets.data_ptr<int32_t>(),
+    DSMOE_LAUNCH(permute_rank_kernel, 1, threads, rank_smem, stream, id_p, nullptr, map_p, offsets.data_ptr<int32_t>(),
                                                            M, static_cast<int>(E), segment, 1);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     int64_t segment = kSegment;
     while (B * ceil_div(M, nwarps * segment) > kMaxScan && segment < (int64_t(1) << 24)) segment *= 2;
     const int64_t tile_entries = nwarps * segment;
     const int64_t tiles = ceil_div(M, tile_entries);
     auto tile_counts = at::empty({B * tiles}, ids.options());
-    permute_histogram_kernel<<<static_cast<unsigned>(tiles), threads, B * sizeof(int), stream>>>(
-        id_p, tile_counts.data_ptr<int32_t>(), M, static_cast<int>(E), tile_entries, static_cast<int>(tiles));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    permute_scan_kernel<<<1, kScanThreads, 0, stream>>>(tile_counts.data_ptr<int32_t>(),
+    DSMOE_LAUNCH(permute_histogram_kernel, static_cast<unsigned>(tiles), threads, B * sizeof(int), stream, id_p, tile_counts.data_ptr<int32_t>(), M, static_cast<int>(E), tile_entries, static_cast<int>(tiles));
+    DSMOE_LAUNCH(permute_scan_kernel, 1, kScanThreads, 0, stream, tile_counts.data_ptr<int32_t>(),
                                                         offsets.data_ptr<int32_t>(), B * tiles,
                                                         static_cast<int>(E), static_cast<int>(tiles));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    permute_rank_kernel<<<static_cast<unsigned>(tiles), threads, rank_smem, stream>>>(
-        id_p, tile_counts.data_ptr<int32_t>(), map_p, nullptr, M, static_cast<int>(E),
+    DSMOE_LAUNCH(permute_rank_kernel, static_cast<unsigned>(tiles), threads, rank_smem, stream, id_p, tile_counts.data_ptr<int32_t>(), map_p, nullptr, M, static_cast<int>(E),
         static_cast<int>(segment), static_cast<int>(tiles));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
   if (h > 0) {
@@ -374,25 +368,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cuda(const at::Tensor& x_
     const int kk = static_cast<int>(k);
     switch (unit) {
       case 16:
-        permute_copy_kernel<uint4><<<grid, kThreads, 0, stream>>>(
-            static_cast<const uint4*>(x.data_ptr()), map_p, static_cast<uint4*>(x_perm.data_ptr()), T, kk, units);
+        DSMOE_LAUNCH(permute_copy_kernel<uint4>, grid, kThreads, 0, stream, static_cast<const uint4*>(x.data_ptr()), map_p, static_cast<uint4*>(x_perm.data_ptr()), T, kk, units);
         break;
       case 8:
-        permute_copy_kernel<uint2><<<grid, kThreads, 0, stream>>>(
-            static_cast<const uint2*>(x.data_ptr()), map_p, static_cast<uint2*>(x_perm.data_ptr()), T, kk, units);
+        DSMOE_LAUNCH(permute_copy_kernel<uint2>, grid, kThreads, 0, stream, static_cast<const uint2*>(x.data_ptr()), map_p, static_cast<uint2*>(x_perm.data_ptr()), T, kk, units);
         break;
       case 4:
-        permute_copy_kernel<uint32_t><<<grid, kThreads, 0, stream>>>(
-            static_cast<const uint32_t*>(x.data_ptr()), map_p, static_cast<uint32_t*>(x_perm.data_ptr()), T, kk,
+        DSMOE_LAUNCH(permute_copy_kernel<uint32_t>, grid, kThreads, 0, stream, static_cast<const uint32_t*>(x.data_ptr()), map_p, static_cast<uint32_t*>(x_perm.data_ptr()), T, kk,
             units);
         break;
       default:
-        permute_copy_kernel<uint16_t><<<grid, kThreads, 0, stream>>>(
-            static_cast<const uint16_t*>(x.data_ptr()), map_p, static_cast<uint16_t*>(x_perm.data_ptr()), T, kk,
+        DSMOE_LAUNCH(permute_copy_kernel<uint16_t>, grid, kThreads, 0, stream, static_cast<const uint16_t*>(x.data_ptr()), map_p, static_cast<uint16_t*>(x_perm.data_ptr()), T, kk,
             units);
         break;
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {x_perm, row_map, offsets};
 }
@@ -412,11 +401,10 @@ void launch_gather(const at::Tensor& src, const at::Tensor& row_map, const at::T
     constexpr int V = decltype(vec_c)::value;
     const dim3 grid = grid_for(T * (h / V), kThreads);
     if (w) {
-      gather_rows_kernel<scalar_t, V, true><<<grid, kThreads, 0, stream>>>(s, map, w, o, T, kk, h, M);
+      DSMOE_LAUNCH((gather_rows_kernel<scalar_t, V, true>), grid, kThreads, 0, stream, s, map, w, o, T, kk, h, M);
     } else {
-      gather_rows_kernel<scalar_t, V, false><<<grid, kThreads, 0, stream>>>(s, map, w, o, T, kk, h, M);
+      DSMOE_LAUNCH((gather_rows_kernel<scalar_t, V, false>), grid, kThreads, 0, stream, s, map, w, o, T, kk, h, M);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (vec16_ok<scalar_t>(h, {s, o})) {
     go(std::integral_constant<int, kVec16<scalar_t>>{});
@@ -493,10 +481,8 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
         const int64_t nvec = h / V;
         int tpt = 32;  // threads per token: enough for one VEC per thread, at most the block
         while (tpt < kThreads && tpt < nvec) tpt *= 2;
-        unpermute_backward_kernel<scalar_t, V><<<grid_for(T, kThreads / tpt), kThreads, 0, stream>>>(
-            gy, yp, row_map.data_ptr<int32_t>(), weights.data_ptr<acc_t>(), gyp,
+        DSMOE_LAUNCH((unpermute_backward_kernel<scalar_t, V>), grid_for(T, kThreads / tpt), kThreads, 0, stream, gy, yp, row_map.data_ptr<int32_t>(), weights.data_ptr<acc_t>(), gyp,
             grad_weights.data_ptr<acc_t>(), T, static_cast<int>(k), h, M, tpt);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (vec16_ok<scalar_t>(h, {gy, yp, gyp})) {
         go(std::integral_constant<int, kVec16<scalar_t>>{});
@@ -510,7 +496,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dsmoe, CUDA, m) {
+DSMOE_CUDA_LIBRARY_IMPL(m) {
   m.impl("permute", &permute_cuda);                        // histogram + scan + stable rank + copy
   m.impl("permute_backward", &permute_backward_cuda);      // gather-sum of a token's k rows
   m.impl("unpermute", &unpermute_cuda);                    // weighted gather-sum, fp32 accumulation

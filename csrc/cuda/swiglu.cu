@@ -96,11 +96,10 @@ at::Tensor swiglu_cuda(const at::Tensor& gate_up_in) {
     scalar_t* o = out.data_ptr<scalar_t>();
     if (use_vec16<scalar_t>(I, {in, o})) {
       constexpr int V = kVec16<scalar_t>;
-      swiglu_forward_kernel<scalar_t, V><<<grid_for(M * (I / V), kThreads), kThreads, 0, stream>>>(in, o, M, I);
+      DSMOE_LAUNCH((swiglu_forward_kernel<scalar_t, V>), grid_for(M * (I / V), kThreads), kThreads, 0, stream, in, o, M, I);
     } else {
-      swiglu_forward_kernel<scalar_t, 1><<<grid_for(M * I, kThreads), kThreads, 0, stream>>>(in, o, M, I);
+      DSMOE_LAUNCH((swiglu_forward_kernel<scalar_t, 1>), grid_for(M * I, kThreads), kThreads, 0, stream, in, o, M, I);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
@@ -120,18 +119,17 @@ at::Tensor swiglu_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor&
     scalar_t* gr = grad.data_ptr<scalar_t>();
     if (use_vec16<scalar_t>(I, {in, go, gr})) {
       constexpr int V = kVec16<scalar_t>;
-      swiglu_backward_kernel<scalar_t, V><<<grid_for(M * (I / V), kThreads), kThreads, 0, stream>>>(go, in, gr, M, I);
+      DSMOE_LAUNCH((swiglu_backward_kernel<scalar_t, V>), grid_for(M * (I / V), kThreads), kThreads, 0, stream, go, in, gr, M, I);
     } else {
-      swiglu_backward_kernel<scalar_t, 1><<<grid_for(M * I, kThreads), kThreads, 0, stream>>>(go, in, gr, M, I);
+      DSMOE_LAUNCH((swiglu_backward_kernel<scalar_t, 1>), grid_for(M * I, kThreads), kThreads, 0, stream, go, in, gr, M, I);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dsmoe, CUDA, m) {
+DSMOE_CUDA_LIBRARY_IMPL(m) {
   m.impl("swiglu", &swiglu_cuda);                    // silu(gate) * up, 16-byte vectors
   m.impl("swiglu_backward", &swiglu_backward_cuda);  // d gate_up, silu recomputed
 }
