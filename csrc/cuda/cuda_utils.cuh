@@ -25,6 +25,7 @@
 #include <utility>
 
 #include "simt.cuh"
+#include "vec_access.cuh"
 
 #if !defined(__CUDACC__)
 // Host-side stand-ins for the emulator build (CPU tensors, synchronous launches).
@@ -107,69 +108,6 @@ constexpr unsigned kFullMask = 0xffffffffu;
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
-
-// N elements of T read or written as one access: 16 bytes when N * sizeof(T) == 16.
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
-
-// The plain integer type of B bytes; accesses go through it so that a Vec of c10::BFloat16 or
-// c10::Half is moved by one instruction (as a struct copy, nvcc splits the store into pieces).
-template <int B>
-struct RawBits;
-template <>
-struct RawBits<16> { using type = uint4; };
-template <>
-struct RawBits<8> { using type = uint2; };
-template <>
-struct RawBits<4> { using type = uint32_t; };
-template <>
-struct RawBits<2> { using type = uint16_t; };
-
-template <int N, typename T>
-__device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
-  using Raw = typename RawBits<sizeof(Vec<T, N>)>::type;
-  simt::check_aligned(p, int(sizeof(Raw)));
-  const Raw raw = *reinterpret_cast<const Raw*>(p);
-  Vec<T, N> v;
-  memcpy(&v, &raw, sizeof(v));
-  return v;
-}
-
-// Stores to global memory. The 16- and 8-byte ones are written in PTX: from plain C++ the
-// compiler splits them into 4-byte stores (seen with nvcc 13.0 for Vecs built element by element).
-template <int N, typename T>
-__device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
-  constexpr int kBytes = sizeof(Vec<T, N>);
-  simt::check_aligned(p, kBytes);
-#if defined(DSMOE_SIMT)
-  if constexpr (false) {
-#else
-  if constexpr (kBytes == 16) {
-    uint32_t w[4];
-    memcpy(w, &v, 16);
-    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]),
-                 "r"(w[3])
-                 : "memory");
-  } else if constexpr (kBytes == 8) {
-    uint32_t w[2];
-    memcpy(w, &v, 8);
-    asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(w[0]), "r"(w[1]) : "memory");
-#endif
-  } else {
-    using Raw = typename RawBits<kBytes>::type;
-    Raw raw;
-    memcpy(&raw, &v, sizeof(v));
-    *reinterpret_cast<Raw*>(p) = raw;
-  }
-}
-
-// Elements of T in one 16-byte access.
-template <typename T>
-constexpr int kVec16 = 16 / static_cast<int>(sizeof(T));
-
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // exp in the accumulation type (the fp32 one becomes the fast intrinsic under --use_fast_math).
 __device__ __forceinline__ float exp_acc(float x) { return expf(x); }

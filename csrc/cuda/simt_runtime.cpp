@@ -95,6 +95,8 @@ struct Fiber {
 #endif
   uint3 tid{0, 0, 0};
   int linear = 0;
+  unsigned barriers = 0;   // __syncthreads passed
+  unsigned syncwarps = 0;  // __syncwarp passed
   State state = State::kReady;
   // Where it waits, and the operands of its warp collective.
   const char* file = "";
@@ -121,9 +123,16 @@ struct Block {
   ucontext_t scheduler_ctx;
 #endif
 #if defined(DSMOE_SIMT_TSAN)
+  // Addresses TSan synchronises on: the launch before the kernel, the kernel before the launch's
+  // return, and barriers. Barrier n uses slot n % 2: a thread releases into slot n before it
+  // waits and acquires slot n after, and nobody can release slot n again (at barrier n + 2)
+  // before every thread has acquired it, so a thread's accesses after a barrier never leak to
+  // another thread through it.
   void* scheduler_tsan = nullptr;
-  char barrier_sync = 0;  // address of the release/acquire pairs of __syncthreads
-  char warp_sync[32] = {};
+  char launch_sync = 0;
+  char exit_sync = 0;
+  char barrier_sync[2] = {};
+  char warp_sync[32][2] = {};
 #endif
 #if defined(DSMOE_SIMT_ASAN)
   const void* scheduler_stack = nullptr;  // the worker thread's stack, learnt at the first switch
@@ -197,7 +206,7 @@ void fiber_main() {
   __sanitizer_finish_switch_fiber(nullptr, &f->block->scheduler_stack, &f->block->scheduler_stack_bytes);
 #endif
 #if defined(DSMOE_SIMT_TSAN)
-  __tsan_acquire(&f->block->barrier_sync);  // the launch happens before the kernel
+  __tsan_acquire(&f->block->launch_sync);  // the launch happens before the kernel
 #endif
   try {
     (*f->block->body)();
@@ -207,7 +216,7 @@ void fiber_main() {
     if (f->block->error.empty()) f->block->error = "unknown exception";
   }
 #if defined(DSMOE_SIMT_TSAN)
-  __tsan_release(&f->block->barrier_sync);  // the kernel happens before the launch returns
+  __tsan_release(&f->block->exit_sync);  // the kernel happens before the launch returns
 #endif
   f->state = State::kExited;
   switch_to_scheduler(f, true);
@@ -463,12 +472,14 @@ void run_block(Block& b) {
     f.block = &b;
     f.state = State::kReady;
     f.linear = t;
+    f.barriers = 0;
+    f.syncwarps = 0;
     f.tid = uint3{unsigned(t % b.dim.x), unsigned((t / b.dim.x) % b.dim.y), unsigned(t / (b.dim.x * b.dim.y))};
     init_fiber(f, tl_stacks.get(t));
   }
 #if defined(DSMOE_SIMT_TSAN)
   b.scheduler_tsan = __tsan_get_current_fiber();
-  __tsan_release(&b.barrier_sync);
+  __tsan_release(&b.launch_sync);
 #endif
   const bool reverse = g_reverse.load(std::memory_order_relaxed);
   tl_block = &b;
@@ -511,7 +522,7 @@ void run_block(Block& b) {
   }
   tl_block = nullptr;
 #if defined(DSMOE_SIMT_TSAN)
-  __tsan_acquire(&b.barrier_sync);
+  __tsan_acquire(&b.exit_sync);
 #endif
 }
 
@@ -540,12 +551,13 @@ void syncthreads(const char* file, int line) {
   f.file = file;
   f.line = line;
 #if defined(DSMOE_SIMT_TSAN)
-  __tsan_release(&f.block->barrier_sync);
+  __tsan_release(&f.block->barrier_sync[f.barriers % 2]);
 #endif
   wait_here(f);
 #if defined(DSMOE_SIMT_TSAN)
-  __tsan_acquire(&f.block->barrier_sync);
+  __tsan_acquire(&f.block->barrier_sync[f.barriers % 2]);
 #endif
+  ++f.barriers;
 }
 
 uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int value_bytes, int arg, int width,
@@ -561,12 +573,14 @@ uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int value_byt
   f.file = file;
   f.line = line;
 #if defined(DSMOE_SIMT_TSAN)
-  if (op == WarpOp::kSyncWarp) __tsan_release(&f.block->warp_sync[(f.linear / 32) % 32]);
+  // __syncwarp orders memory among its lanes (same parity rule as barriers); shuffles move values.
+  if (op == WarpOp::kSyncWarp) __tsan_release(&f.block->warp_sync[f.linear / 32][f.syncwarps % 2]);
 #endif
   wait_here(f);
 #if defined(DSMOE_SIMT_TSAN)
-  if (op == WarpOp::kSyncWarp) __tsan_acquire(&f.block->warp_sync[(f.linear / 32) % 32]);
+  if (op == WarpOp::kSyncWarp) __tsan_acquire(&f.block->warp_sync[f.linear / 32][f.syncwarps % 2]);
 #endif
+  if (op == WarpOp::kSyncWarp) ++f.syncwarps;
   return f.result;
 }
 
