@@ -145,7 +145,8 @@ def sanitize(dtypes) -> None:
             w, ids, counts, sums = ops.gate(logits, k, True, bias, S)
             torch.ops.dsmoe.gate_backward(torch.randn_like(w), torch.randn_like(sums), logits, ids, True, S)
             torch.ops.dsmoe.gate_backward(torch.randn_like(w), torch.randn_like(sums), logits, ids, False, S)
-        for T, h, E, k in ((100, 64, 16, 6), (2048, 64, 64, 6), (300, 33, 5000, 2), (50, 8, 8192, 3), (7, 1, 3, 3)):
+        for T, h, E, k in ((100, 64, 16, 6), (2048, 64, 64, 6), (300, 33, 5000, 2), (50, 8, 8192, 3), (7, 1, 3, 3),
+                           (64, 1024, 32, 6), (20, 4096, 128, 8)):  # h >= 512: unpermute_backward's shared-memory sum
             x = torch.randn(T, h, device=dev, dtype=dt)
             ids = torch.randint(0, E, (T, k), device=dev, dtype=torch.int32)
             ids[0, 0] = E  # out of range: the overflow bucket
@@ -165,17 +166,29 @@ def sanitize(dtypes) -> None:
             ops.swiglu(gu)
             torch.ops.dsmoe.swiglu_backward(torch.randn(M, I, device=dev, dtype=dt), gu)
     if has("dsmoe::grouped_gemm", "CUDA"):
-        for dt in (torch.bfloat16, torch.float32):
-            E, K, N = 8, 64, 128
-            sizes = torch.tensor([0, 5, 17, 1, 0, 64, 3, 30])
-            offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)]).to(torch.int32).to(dev)
-            rows = int(sizes.sum())
-            a = torch.randn(rows, K, device=dev, dtype=dt)
-            for trans_b in (False, True):
-                b = torch.randn(E, N, K, device=dev, dtype=dt) if trans_b else torch.randn(E, K, N, device=dev, dtype=dt)
-                c = ops.grouped_gemm(a, b, offsets, trans_b)
-                if has("dsmoe::grouped_gemm_wgrad", "CUDA"):
-                    ops.grouped_gemm_wgrad(a, torch.randn_like(c), offsets, trans_b)
+        # Every path (the default -- sm90a on Hopper --, the sm80 kernels, the CUDA-core one) in
+        # bf16/fp16 (fp32 takes the CUDA-core path), at E = 8, 32, 128 and 256 with empty experts.
+        import os
+
+        for path in ("auto", "sm80", "simt"):
+            os.environ["DSMOE_GROUPED_GEMM_PATH"] = path
+            for dt in (torch.bfloat16, torch.float16, torch.float32):
+                for E in (8, 32, 128, 256):
+                    K, N = 64, 128
+                    sizes = torch.randint(0, 6, (E,))
+                    sizes[0] = 0
+                    sizes[-1] = 40
+                    offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)]).to(torch.int32).to(dev)
+                    rows = int(sizes.sum()) + 3  # three rows after the last group: zeroed
+                    a = torch.randn(rows, K, device=dev, dtype=dt)
+                    for trans_b in (False, True):
+                        b = (torch.randn(E, N, K, device=dev, dtype=dt) if trans_b
+                             else torch.randn(E, K, N, device=dev, dtype=dt))
+                        c = ops.grouped_gemm(a[: rows - 3], b, offsets, trans_b)
+                        torch.ops.dsmoe.grouped_gemm(a, b, offsets, trans_b)
+                        if has("dsmoe::grouped_gemm_wgrad", "CUDA"):
+                            ops.grouped_gemm_wgrad(a[: rows - 3], torch.randn_like(c), offsets, trans_b)
+        os.environ.pop("DSMOE_GROUPED_GEMM_PATH", None)
     torch.cuda.synchronize()
     print("sanitize: every CUDA op ran")
 

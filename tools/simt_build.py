@@ -10,8 +10,8 @@ torch.ops.dsmoe_simt.<op> on CPU tensors and compare with torch.ops.dsmoe.<op>.
 
 Sources come from csrc/sources.txt: the `simt` files and every `cuda` file that needs no CUTLASS
 (the tensor-core grouped GEMMs cannot be emulated). --asan (or DSMOE_SIMT_VARIANT=asan) builds with
-AddressSanitizer; the process that loads it must have libasan preloaded
-(LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0).
+AddressSanitizer; the process that loads it must have libasan (and libstdc++, so that ASan finds
+the real __cxa_throw) preloaded: ``asan_env()`` gives that environment, .ci/simt_asan.sh uses it.
 """
 from __future__ import annotations
 
@@ -57,6 +57,19 @@ def asan_preloaded() -> bool:
     return "libasan" in os.environ.get("LD_PRELOAD", "")
 
 
+def asan_env(base: dict | None = None) -> dict:
+    """The environment of a process that loads the asan variant (gcc names the runtimes)."""
+    import subprocess
+
+    env = dict(os.environ if base is None else base)
+    libs = [subprocess.run(["gcc", f"-print-file-name={lib}"], capture_output=True, text=True, check=True).stdout.strip()
+            for lib in ("libasan.so", "libstdc++.so")]
+    env["LD_PRELOAD"] = " ".join(libs)
+    env["ASAN_OPTIONS"] = env.get("ASAN_OPTIONS", "detect_leaks=0")
+    env["DSMOE_SIMT_VARIANT"] = "asan"
+    return env
+
+
 def load(variant: str | None = None, verbose: bool = False) -> str:
     """Builds (if out of date) and loads the emulator library; returns its path."""
     import torch
@@ -67,8 +80,8 @@ def load(variant: str | None = None, verbose: bool = False) -> str:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if variant == "asan" and not asan_preloaded():
         raise RuntimeError(
-            "the asan variant must be loaded into a process started with "
-            "LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0"
+            "the asan variant must be loaded into a process started with libasan and libstdc++ preloaded "
+            "(tools/simt_build.py asan_env(); .ci/simt_asan.sh)"
         )
     build_dir = ROOT / "build" / f"simt-{variant}"
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -102,8 +115,9 @@ def main() -> int:
     p.add_argument("-v", "--verbose", action="store_true")
     ns = p.parse_args()
     variant = "asan" if ns.asan else variant_from_env()
-    if variant == "asan" and not asan_preloaded():
-        os.environ["LD_PRELOAD"] = "libasan"  # build only; loading happens in the tests' process
+    if variant == "asan" and not asan_preloaded():  # the build loads the library: preload first
+        os.execve(sys.executable, [sys.executable, __file__, "--asan"] + (["-v"] if ns.verbose else []),
+                  asan_env())
     print(load(variant, verbose=ns.verbose))
     return 0
 
