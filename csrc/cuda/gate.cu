@@ -29,7 +29,11 @@
 // (through the renormalisation when asked), then d logits = p * (dp - sum(dp * p))
 // (index_math.h softmax_backward_elem).
 //
-// Limits: num_experts <= 1024 on CUDA (registers); any k <= E; any T. Expert ids passed to the
+// Limits: num_experts <= 1024 on CUDA (registers); any k <= E; any T. Above 512 experts each
+// thread keeps four arrays of VPT = 32 accumulators (probs, bias, score sums; d probs in the
+// backward): 128+ registers in fp32, twice that in fp64, which the compiler may spill to local
+// memory. Correctness there is tested (E = 1000 and 1024, on the GPU and in the SIMT emulator);
+// its speed has not been measured. Expert ids passed to the
 // backward that lie outside [0, E) are ignored (the CPU kernel raises; here that would need a
 // device-to-host copy).
 #include "../check.h"

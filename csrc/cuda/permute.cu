@@ -25,7 +25,8 @@
 // grad_weights[t,j] = <grad_y[t], y_perm[row_map[t*k+j]]>, the dot products reduced by a fixed
 // tree (shuffles, then shared memory across the token's warps).
 // Rows named in row_map outside [0, M) are skipped (the CPU kernel raises).
-// Limits: num_experts <= 8192 on CUDA (shared memory of the rank kernel).
+// Limits: num_experts <= 8192 on CUDA (shared memory of the rank kernel). Expert ids int32 or
+// int64, read as given (no cast pass); row_map and expert_offsets are int32.
 #include "../check.h"
 #include "../op_checks.h"
 #include "cuda_utils.cuh"
@@ -53,12 +54,15 @@ constexpr int kFusedSegment = 512;
 constexpr int kSegment = 128;
 constexpr int64_t kMaxScan = 65536;
 
-__device__ __forceinline__ int bucket_of(int32_t e, int E) {
-  return (e >= 0 && e < E) ? e : E;
+// Expert ids are int32 or int64 (transformers' routers give int64; no cast pass).
+template <typename id_t>
+__device__ __forceinline__ int bucket_of(id_t e, int E) {
+  return (e >= 0 && e < id_t(E)) ? int(e) : E;
 }
 
+template <typename id_t>
 __global__ void __launch_bounds__(kThreads)
-    permute_histogram_kernel(const int32_t* __restrict__ ids,  // [M]
+    permute_histogram_kernel(const id_t* __restrict__ ids,  // [M]
                              int32_t* __restrict__ tile_counts,  // [E+1, tiles]
                              int64_t M, int E, int64_t tile_entries, int tiles) {
   DSMOE_DYNAMIC_SHARED(int, hist);  // [E+1]
@@ -104,8 +108,9 @@ __global__ void __launch_bounds__(kScanThreads)
 // Ranks (rows of x_perm) of the entries of one tile. tile_base: the scanned [E+1, tiles] matrix,
 // or nullptr when this is the only tile (the kernel then scans the buckets itself and writes
 // expert_offsets).
+template <typename id_t>
 __global__ void __launch_bounds__(kThreads)
-    permute_rank_kernel(const int32_t* __restrict__ ids,        // [M]
+    permute_rank_kernel(const id_t* __restrict__ ids,           // [M]
                         const int32_t* __restrict__ tile_base,  // [E+1, tiles] or nullptr
                         int32_t* __restrict__ row_map,          // [M]
                         int32_t* __restrict__ offsets,          // [E+1], single tile only
@@ -327,8 +332,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cuda(const at::Tensor& x_
   const auto ids = ids_in.contiguous();
   const int64_t T = x.size(0), h = x.size(1), k = ids.size(1), M = T * k, E = num_experts;
   auto x_perm = at::empty({M, h}, x.options());
-  auto row_map = at::empty({M}, ids.options());
-  auto offsets = at::empty({E + 1}, ids.options());
+  auto row_map = at::empty({M}, ids.options().dtype(at::kInt));
+  auto offsets = at::empty({E + 1}, ids.options().dtype(at::kInt));
   if (M == 0) {
     offsets.zero_();
     return {x_perm, row_map, offsets};
@@ -339,25 +344,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cuda(const at::Tensor& x_
   const int nwarps = std::max(1, std::min(8, (48 * 1024 / 4 - 32) / B));
   const int threads = nwarps * 32;
   const size_t rank_smem = (static_cast<size_t>(nwarps) * B + 32) * sizeof(int);
-  const int32_t* id_p = ids.data_ptr<int32_t>();
   int32_t* map_p = row_map.data_ptr<int32_t>();
-
-  if (M <= int64_t(nwarps) * kFusedSegment) {
-    const int segment = static_cast<int>(ceil_div(ceil_div(M, nwarps), 32) * 32);
-    DSMOE_LAUNCH(permute_rank_kernel, 1, threads, rank_smem, stream, id_p, nullptr, map_p, offsets.data_ptr<int32_t>(),
-                                                           M, static_cast<int>(E), segment, 1);
+  auto route = [&](auto* id_p) {
+    using id_t = std::remove_const_t<std::remove_pointer_t<decltype(id_p)>>;
+    if (M <= int64_t(nwarps) * kFusedSegment) {
+      const int segment = static_cast<int>(ceil_div(ceil_div(M, nwarps), 32) * 32);
+      DSMOE_LAUNCH(permute_rank_kernel<id_t>, 1, threads, rank_smem, stream, id_p, nullptr, map_p, offsets.data_ptr<int32_t>(),
+                                                             M, static_cast<int>(E), segment, 1);
+    } else {
+      int64_t segment = kSegment;
+      while (B * ceil_div(M, nwarps * segment) > kMaxScan && segment < (int64_t(1) << 24)) segment *= 2;
+      const int64_t tile_entries = nwarps * segment;
+      const int64_t tiles = ceil_div(M, tile_entries);
+      auto tile_counts = at::empty({B * tiles}, ids.options().dtype(at::kInt));
+      DSMOE_LAUNCH(permute_histogram_kernel<id_t>, static_cast<unsigned>(tiles), threads, B * sizeof(int), stream, id_p, tile_counts.data_ptr<int32_t>(), M, static_cast<int>(E), tile_entries, static_cast<int>(tiles));
+      DSMOE_LAUNCH(permute_scan_kernel, 1, kScanThreads, 0, stream, tile_counts.data_ptr<int32_t>(),
+                                                          offsets.data_ptr<int32_t>(), B * tiles,
+                                                          static_cast<int>(E), static_cast<int>(tiles));
+      DSMOE_LAUNCH(permute_rank_kernel<id_t>, static_cast<unsigned>(tiles), threads, rank_smem, stream, id_p, tile_counts.data_ptr<int32_t>(), map_p, nullptr, M, static_cast<int>(E),
+          static_cast<int>(segment), static_cast<int>(tiles));
+    }
+  };
+  if (ids.scalar_type() == at::kLong) {
+    route(ids.data_ptr<int64_t>());
   } else {
-    int64_t segment = kSegment;
-    while (B * ceil_div(M, nwarps * segment) > kMaxScan && segment < (int64_t(1) << 24)) segment *= 2;
-    const int64_t tile_entries = nwarps * segment;
-    const int64_t tiles = ceil_div(M, tile_entries);
-    auto tile_counts = at::empty({B * tiles}, ids.options());
-    DSMOE_LAUNCH(permute_histogram_kernel, static_cast<unsigned>(tiles), threads, B * sizeof(int), stream, id_p, tile_counts.data_ptr<int32_t>(), M, static_cast<int>(E), tile_entries, static_cast<int>(tiles));
-    DSMOE_LAUNCH(permute_scan_kernel, 1, kScanThreads, 0, stream, tile_counts.data_ptr<int32_t>(),
-                                                        offsets.data_ptr<int32_t>(), B * tiles,
-                                                        static_cast<int>(E), static_cast<int>(tiles));
-    DSMOE_LAUNCH(permute_rank_kernel, static_cast<unsigned>(tiles), threads, rank_smem, stream, id_p, tile_counts.data_ptr<int32_t>(), map_p, nullptr, M, static_cast<int>(E),
-        static_cast<int>(segment), static_cast<int>(tiles));
+    route(ids.data_ptr<int32_t>());
   }
 
   if (h > 0) {
