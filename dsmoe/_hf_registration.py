@@ -4,6 +4,7 @@ model machinery takes seconds to import, which a CLI call or a script that never
 not pay."""
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.util
 import sys
@@ -12,9 +13,9 @@ import warnings
 
 def _register() -> None:
     try:
-        from .hf import modeling
-
-        modeling.register()
+        # importing the module registers (at its end; a module still being imported does so
+        # when it finishes)
+        importlib.import_module("dsmoe.hf.modeling")
     except Exception as e:  # an incompatible transformers must not break importing it
         warnings.warn(f"dsmoe: could not register the DeepSeekMoE classes with transformers: {e}", stacklevel=2)
 

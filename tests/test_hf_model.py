@@ -16,7 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import dsmoe  # noqa: E402  (registers the classes)
-from dsmoe import DeepSeekMoEForCausalLM, get_preset  # noqa: E402
+from dsmoe import DeepSeekMoEBlock, DeepSeekMoEForCausalLM, get_preset  # noqa: E402
 from dsmoe.tokenizer import ByteTokenizer  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
@@ -114,7 +114,14 @@ def test_import_dsmoe_without_transformers_and_lazily_with_it():
         "print(type(AutoConfig.for_model('deepseek', vocab_size=64, hidden_size=32, num_attention_heads=4)).__name__)\n"
     )
     env = {**os.environ, "PYTHONPATH": REPO}
-    for code, expected in ((blocked, "torch.Size([1, 3, 64])"), (lazy, "DeepseekConfig")):
+    direct = (
+        "import warnings; warnings.simplefilter('error')\n"
+        "from dsmoe.hf.modeling import DeepseekForCausalLM\n"
+        "from transformers import AutoModelForCausalLM, AutoConfig\n"
+        "print(AutoModelForCausalLM._model_mapping[type(AutoConfig.for_model('deepseek'))].__name__)\n"
+    )
+    cases = ((blocked, "torch.Size([1, 3, 64])"), (lazy, "DeepseekConfig"), (direct, "DeepseekForCausalLM"))
+    for code, expected in cases:
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
         assert run.returncode == 0, run.stderr
         assert run.stdout.strip().endswith(expected), run.stdout
@@ -315,10 +322,17 @@ def test_gradient_checkpointing_gives_the_same_gradients(released):
             model.activation_checkpointing_enable()
             assert model.model.gradient_checkpointing
         calls = []
-        model.model.layers[1].register_forward_hook(lambda *args: calls.append(1))
+        block_forward = DeepSeekMoEBlock.forward
+
+        def counted(self, *args):
+            calls.append(self.layer_idx)
+            return block_forward(self, *args)
+
         ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
-        model(ids, labels=ids).loss.backward()
-        assert len(calls) == (2 if checkpointing else 1)  # the block ran again in backward
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(DeepSeekMoEBlock, "forward", counted)
+            model(ids, labels=ids).loss.backward()
+        assert calls.count(1) == (2 if checkpointing else 1)  # the block ran again in backward
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)

@@ -295,8 +295,8 @@ _registered = False
 
 def register() -> None:
     """Registers the classes with AutoConfig, AutoModelForCausalLM and AutoTokenizer and the
-    expert weight conversion for model type ``deepseek`` (idempotent; done by ``import dsmoe``
-    once transformers is imported)."""
+    expert weight conversion for model type ``deepseek`` (idempotent; done when this module is
+    imported, which ``import dsmoe`` arranges for the moment transformers is imported)."""
     global _registered
     if _registered:
         return
@@ -310,5 +310,7 @@ def register() -> None:
     register_checkpoint_conversion_mapping(MODEL_TYPE, _expert_weight_conversions(), overwrite=True)
     _registered = True
 
+
+register()
 
 __all__ = ["DeepseekConfig", "DeepseekPreTrainedModel", "DeepseekForCausalLM", "register", "MODEL_TYPE"]
