@@ -396,3 +396,43 @@ def test_lm_eval_harness_hflm(hf_model, tokenizer):
     assert greedy == bool((logits.argmax(-1) == torch.tensor(cont)).all())
     (text,) = lm.generate_until([Instance("generate_until", {}, ("x = ", {"until": ["\n\n"], "max_gen_toks": 5, "do_sample": False}), 0)])
     assert isinstance(text, str)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(rope_scaling={"type": "linear", "factor": 2.0}),
+        dict(rope_scaling={"type": "dynamic", "factor": 2.0}, max_position_embeddings=16),
+        dict(tie_word_embeddings=True, pad_token_id=0),
+        dict(use_selection_bias=True),
+        dict(router_type="noisy_topk", seq_aux=False, norm_topk_prob=True),
+    ],
+    ids=["linear-rope", "dynamic-rope", "tied", "selection-bias", "noisy-router"],
+)
+def test_config_variants_load_and_save_both_ways(tmp_path, changes):
+    torch.manual_seed(0)
+    ours = DeepSeekMoEForCausalLM(get_preset("tiny", **changes)).eval()
+    for layer in ours.moe_layers():
+        if layer.gate.e_score_correction_bias is not None:
+            layer.gate.e_score_correction_bias.normal_()
+    ours.save_pretrained(tmp_path / "dsmoe")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "dsmoe").eval()
+    assert_same_state(hf, ours)
+    ids = torch.randint(0, 64, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids)["logits"], rtol=0, atol=0)
+    hf.save_pretrained(tmp_path / "hf")
+    assert_same_state(DeepSeekMoEForCausalLM.from_pretrained(tmp_path / "hf"), ours)
+
+
+def test_config_validation_and_refusals():
+    with pytest.raises(ValueError, match="num_experts_per_tok=9 must be <= n_routed_experts=8"):
+        DeepseekConfig(n_routed_experts=8, num_experts_per_tok=9)
+    model = DeepseekForCausalLM.from_dsmoe(dsmoe_model())
+    ids = torch.randint(0, 256, (1, 4))
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(ids, output_attentions=True)
+    with pytest.raises(ValueError, match="2-d padding mask"):
+        model(ids, attention_mask=torch.ones(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="max_position_embeddings is 128"):
+        model.generate(torch.randint(0, 256, (1, 120)), max_new_tokens=20, do_sample=False, pad_token_id=PAD)
