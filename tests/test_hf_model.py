@@ -310,8 +310,17 @@ def test_router_logits_and_aux_loss(released):
     torch.testing.assert_close(out.loss, ref.loss.float())
     out.loss.backward()
     assert hf.model.layers[1].mlp.gate.weight.grad.abs().sum() > 0
+    # the balance losses rebuilt from the router logits are the layers' own
+    torch.testing.assert_close(hf.balance_loss(out.router_logits, 2), out.aux_loss)
     assert hf(ids, output_router_logits=False).router_logits is None
-    assert hf.eval()(ids).aux_loss is None  # as the released code: balance losses in training only
+    hf.eval()
+    assert hf(ids).aux_loss is None  # as the released code: balance losses in training only
+    # ... unless router logits are asked for, as in transformers' MoE models (then in the loss too)
+    with torch.no_grad():
+        evaluated = hf(ids, labels=ids, output_router_logits=True)
+        plain = hf(ids, labels=ids)
+    torch.testing.assert_close(evaluated.aux_loss, hf.balance_loss(evaluated.router_logits, 2))
+    torch.testing.assert_close(evaluated.loss, plain.loss + evaluated.aux_loss.float())
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(released):

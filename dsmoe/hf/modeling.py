@@ -16,7 +16,7 @@ stacked on load and split back on save by transformers' weight conversion (regis
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,7 @@ from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
+from .. import ops
 from ..config import DeepSeekMoEConfig, check_positions
 from ..model import DeepSeekMoEBackbone, init_module
 
@@ -140,7 +141,9 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
     ``logits``; ``loss`` (labels given; transformers' causal-LM loss, which shifts them) plus, in
     training mode, ``aux_loss``, the sum of the MoE layers' balance losses (``aux_loss_alpha``
     included, as the released code adds it to the gradients); ``router_logits`` per MoE layer
-    [B*L, E] with ``output_router_logits``; ``hidden_states`` with ``output_hidden_states``."""
+    [B*L, E] with ``output_router_logits``, which also reports (and adds to the loss) the
+    balance losses outside training, as transformers' MoE models do; ``hidden_states`` with
+    ``output_hidden_states``."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -256,20 +259,42 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
             kept = hidden_states[:, logits_to_keep]
         logits = self.lm_head(kept).float()
 
+        aux_loss = out.aux_loss
+        if aux_loss is None and output_router_logits:
+            aux_loss = self.balance_loss(out.router_logits, hidden_states.shape[0])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            if out.aux_loss is not None:
-                loss = loss + out.aux_loss.to(loss.dtype)
+            if aux_loss is not None:
+                loss = loss + aux_loss.to(loss.dtype)
         return MoeCausalLMOutputWithPast(
             loss=loss,
-            aux_loss=out.aux_loss,
+            aux_loss=aux_loss,
             logits=logits,
             past_key_values=past_key_values if use_cache else None,
             hidden_states=out.all_hidden_states,
             attentions=None,
             router_logits=out.router_logits,
         )
+
+
+    def balance_loss(self, router_logits: Tuple[Tensor, ...], batch_size: int) -> Optional[Tensor]:
+        """The sum of the MoE layers' balance losses (as their training-mode forward computes
+        them) from their router logits [B*L, E]: what ``aux_loss`` reports outside training
+        when ``output_router_logits`` is asked for, as transformers' MoE models do."""
+        total = None
+        for layer, logits in zip((b.mlp for b in self.model.layers if b.is_moe), router_logits):
+            if layer.balance_loss is None and layer.device_balance_loss is None:
+                continue
+            num_seqs = batch_size if layer.seq_aux else 1
+            bias = layer.gate.e_score_correction_bias
+            route = ops.gate(logits, layer.top_k, layer.gate.normalize, None if bias is None else bias.float(), num_seqs)
+            seq_len = logits.shape[0] // num_seqs
+            for loss_fn in (layer.balance_loss, layer.device_balance_loss):
+                if loss_fn is not None:
+                    loss = loss_fn(route.tokens_per_expert, route.score_sums, seq_len)
+                    total = loss if total is None else total + loss
+        return total
 
 
 def _expert_weight_conversions():
