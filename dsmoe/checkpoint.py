@@ -119,7 +119,8 @@ def _parse_size(size: Union[int, str]) -> int:
     return value
 
 
-# Files of a checkpoint's tokenizer, carried over when a model loaded from a directory is saved.
+# Files of a checkpoint's tokenizer (and its generation defaults), carried over when a model loaded
+# from a directory is saved elsewhere.
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
