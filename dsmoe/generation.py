@@ -194,13 +194,15 @@ def generate(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
-    if B > 1 and bool((attention_mask[:, -1] == 0).any()):  # one check per call
+    # a meta-device run (shapes only) has no values to look at: no checks, no early stop
+    has_values = device.type != "meta"
+    if has_values and B > 1 and bool((attention_mask[:, -1] == 0).any()):  # one check per call
         warnings.warn(
             "generate: right padding detected (a row's last column is padding); new tokens follow "
             "the padding and differ from that row alone. Pad on the left for batched generation.",
             stacklevel=3,
         )
-    eos = torch.tensor(eos_ids, device=device, dtype=input_ids.dtype) if eos_ids else None
+    eos = torch.tensor(eos_ids, device=device, dtype=input_ids.dtype) if eos_ids and has_values else None
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     # the step at which every row had finished (max_new_tokens = not yet), kept on the device
     all_done_at = torch.full((), max_new_tokens, dtype=torch.long, device=device)
