@@ -211,7 +211,9 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, os.PathLike],
     Atomic: everything is written and fsynced into a temporary directory beside the target
     first. A new target is that directory renamed; an existing one (e.g. a run directory with
     logs) gets the new files by rename, config.json last, and then loses the weight files of the
-    previous save that the new one does not have. A failure while writing (disk full, ...)
+    previous save that the new one does not have (a kill -9 inside that sequence of renames, a
+    window of microseconds, can leave a sharded checkpoint with shards of both saves; a single
+    file cannot mix). A failure while writing (disk full, ...)
     raises :class:`SaveError` naming the path and the cause, removes the partial files and
     leaves the target as it was."""
     limit = _parse_size(max_shard_size) if max_shard_size is not None else None

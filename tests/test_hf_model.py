@@ -443,5 +443,10 @@ def test_config_validation_and_refusals():
         model(ids, output_attentions=True)
     with pytest.raises(ValueError, match="2-d padding mask"):
         model(ids, attention_mask=torch.ones(1, 1, 4, 4))
+    calls = []
+    model.register_forward_pre_hook(lambda *args: calls.append(1))
     with pytest.raises(ValueError, match="max_position_embeddings is 128"):
         model.generate(torch.randint(0, 256, (1, 120)), max_new_tokens=20, do_sample=False, pad_token_id=PAD)
+    assert calls == []  # refused before the first forward
+    with pytest.raises(ValueError, match="needs 129 positions"):
+        model(torch.randint(0, 256, (1, 129)))

@@ -170,6 +170,15 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         # and derives causality from the cache slots itself
         return attention_mask
 
+    def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):
+        super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
+        # refuse before any work, not at the step that passes the limit
+        check_positions(
+            self.model.config,
+            generation_config.max_length,
+            f"generate (a prompt of {input_ids_length} tokens, max_length={generation_config.max_length})",
+        )
+
     # ------------------------------------------------------------ conversions
     @classmethod
     def from_dsmoe(cls, model: nn.Module) -> "DeepseekForCausalLM":
