@@ -23,6 +23,12 @@ from .layers import (
 )
 from .losses import DeviceBalanceLoss, LoadBalanceLoss
 from .model import CausalLMOutput, DeepSeekMoEBackbone, DeepSeekMoEForCausalLM, DeepSeekMoEModel
+from .tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from ._hf_registration import install as _install_hf_registration
+
+# With transformers installed, AutoConfig / AutoModelForCausalLM / AutoTokenizer know model type
+# "deepseek" (dsmoe.hf.modeling) from the moment transformers is imported.
+_install_hf_registration()
 
 __version__ = build_info()["version"]
 
@@ -54,4 +60,7 @@ __all__ = [
     "NoisyTopKRouter",
     "LoadBalanceLoss",
     "DeviceBalanceLoss",
+    "load_tokenizer",
+    "ByteTokenizer",
+    "HFTokenizer",
 ]

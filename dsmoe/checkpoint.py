@@ -15,12 +15,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from .config import CONFIG_NAME, DeepSeekMoEConfig
+from .config import ALIASES, CONFIG_NAME, DeepSeekMoEConfig
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_INDEX_NAME = "model.safetensors.index.json"
@@ -117,21 +119,38 @@ def _parse_size(size: Union[int, str]) -> int:
     return value
 
 
-def save_pretrained(model: nn.Module, save_directory: Union[str, os.PathLike],
-                    max_shard_size: Union[int, str, None] = None) -> List[str]:
-    """Writes config.json and the weights; returns the weight file names. Tensors are split
-    into shards of at most ``max_shard_size`` bytes (a single larger tensor gets its own)."""
-    from safetensors.torch import save_file
+# Files of a checkpoint's tokenizer (and its generation defaults), carried over when a model loaded
+# from a directory is saved elsewhere.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
+)
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+# config.json keys that a saved checkpoint must not carry: the remote-code pointers of a released
+# checkpoint (dsmoe does not write those files; transformers gets the classes from ``import dsmoe``)
+_DROPPED_CONFIG_KEYS = ("auto_map",)
 
-    os.makedirs(save_directory, exist_ok=True)
-    tensors = to_hf_state_dict(model)
-    dtype = model.lm_head.weight.dtype
-    config_dict = model.config.to_dict()
-    config_dict["torch_dtype"] = str(dtype).replace("torch.", "")
-    with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as f:
-        f.write(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
 
-    limit = _parse_size(max_shard_size) if max_shard_size is not None else None
+class SaveError(OSError):
+    """Saving failed (one line: the path and the cause); nothing of the target was changed."""
+
+
+def _fsync_write(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _shards(tensors: Dict[str, Tensor], limit: Optional[int]) -> List[Dict[str, Tensor]]:
     shards: List[Dict[str, Tensor]] = [{}]
     size = 0
     for name, tensor in tensors.items():
@@ -141,27 +160,97 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, os.PathLike],
             size = 0
         shards[-1][name] = tensor.cpu()
         size += nbytes
+    return shards
 
-    for stale in (SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME):
-        path = os.path.join(save_directory, stale)
-        if os.path.exists(path):
-            os.remove(path)
-    for old in os.listdir(save_directory):
-        if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", old):
-            os.remove(os.path.join(save_directory, old))
 
+def _write_checkpoint(model: nn.Module, directory: str, limit: Optional[int]) -> List[str]:
+    """Writes config.json and the weights into the empty ``directory``, each file fsynced."""
+    from safetensors.torch import save
+
+    tensors = to_hf_state_dict(model)
+    config_dict = model.config.to_dict()
+    for key in _DROPPED_CONFIG_KEYS:
+        config_dict.pop(key, None)
+    config_dict["torch_dtype"] = str(model.lm_head.weight.dtype).replace("torch.", "")
+    shards = _shards(tensors, limit)
     metadata = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], os.path.join(save_directory, SAFE_WEIGHTS_NAME), metadata=metadata)
-        return [SAFE_WEIGHTS_NAME]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        names = [SAFE_WEIGHTS_NAME]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map: Dict[str, str] = {}
     for file_name, shard in zip(names, shards):
-        save_file(shard, os.path.join(save_directory, file_name), metadata=metadata)
+        _fsync_write(os.path.join(directory, file_name), save(shard, metadata=metadata))
         weight_map.update({name: file_name for name in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    with open(os.path.join(save_directory, SAFE_INDEX_NAME), "w", encoding="utf-8") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _fsync_write(os.path.join(directory, SAFE_INDEX_NAME), (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
+    _fsync_write(os.path.join(directory, CONFIG_NAME), (json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode())
+    return names
+
+
+def _carry_tokenizer(source: Optional[str], staging: str, target: str) -> None:
+    """Copies the tokenizer files of the directory the model was loaded from (those the target
+    does not already have) into the staging directory."""
+    if not source or not os.path.isdir(source) or os.path.realpath(source) == os.path.realpath(target):
+        return
+    for name in TOKENIZER_FILES:
+        src = os.path.join(source, name)
+        if os.path.isfile(src) and not os.path.exists(os.path.join(target, name)):
+            with open(src, "rb") as f:
+                _fsync_write(os.path.join(staging, name), f.read())
+
+
+def save_pretrained(model: nn.Module, save_directory: Union[str, os.PathLike],
+                    max_shard_size: Union[int, str, None] = None) -> List[str]:
+    """Writes config.json and the weights; returns the weight file names. Tensors are split
+    into shards of at most ``max_shard_size`` bytes (a single larger tensor gets its own). The
+    tokenizer files of the directory the model was loaded from come along.
+
+    Atomic: everything is written and fsynced into a temporary directory beside the target
+    first. A new target is that directory renamed; an existing one (e.g. a run directory with
+    logs) gets the new files by rename, config.json last, and then loses the weight files of the
+    previous save that the new one does not have (a kill -9 inside that sequence of renames, a
+    window of microseconds, can leave a sharded checkpoint with shards of both saves; a single
+    file cannot mix). A failure while writing (disk full, ...)
+    raises :class:`SaveError` naming the path and the cause, removes the partial files and
+    leaves the target as it was."""
+    limit = _parse_size(max_shard_size) if max_shard_size is not None else None
+    target = os.path.abspath(os.fspath(save_directory))
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise SaveError(f"cannot save to {target}: it exists and is not a directory")
+    parent = os.path.dirname(target)
+    staging = None
+    try:
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.saving-", dir=parent)
+        names = _write_checkpoint(model, staging, limit)
+        _carry_tokenizer(getattr(model, "_dsmoe_source_dir", None), staging, target)
+        _fsync_path(staging)
+        if not os.path.exists(target):
+            os.rename(staging, target)
+            staging = None
+        else:
+            written = os.listdir(staging)
+            # weights first, config.json last: a reader that finds the new config finds its weights
+            for name in sorted(written, key=lambda n: n == CONFIG_NAME):
+                os.replace(os.path.join(staging, name), os.path.join(target, name))
+            for old in os.listdir(target):
+                if _WEIGHT_FILE.fullmatch(old) and old not in written:
+                    os.remove(os.path.join(target, old))
+        _fsync_path(target)
+        _fsync_path(parent)
+    except Exception as e:
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
+            path = getattr(e, "filename", None) or staging or target
+            text = str(e).strip()
+            cause = getattr(e, "strerror", None) or (text.splitlines()[0] if text else type(e).__name__)
+            raise SaveError(f"cannot save the model to {target}: {path}: {cause}") from None
+        raise
+    finally:
+        if staging is not None and os.path.isdir(staging):
+            shutil.rmtree(staging, ignore_errors=True)
     return names
 
 
@@ -270,6 +359,12 @@ def load_state_into(model: nn.Module, directory: str) -> None:
                         tensor = f.get_tensor(name)
                     except Exception as e:
                         raise CheckpointError(f"cannot read tensor {name} from {path}: {e}") from None
+                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                        bad = int((~torch.isfinite(tensor)).sum())
+                        raise CheckpointError(
+                            f"tensor {name} in {path} holds {bad} NaN/inf value(s) of {tensor.numel()}: the "
+                            "checkpoint is corrupt (or was saved from a diverged run)"
+                        )
                     dest.copy_(tensor)
 
 
@@ -285,17 +380,78 @@ def checkpoint_dtype(directory: str) -> torch.dtype:
     return torch.float32
 
 
-def load_pretrained(cls, path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None,
-                    device: Union[str, torch.device, None] = None, moe_impl: str = "dsmoe", **config_overrides):
+_DTYPE_NAMES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+                "half": torch.float16, "fp16": torch.float16, "float64": torch.float64, "double": torch.float64}
+
+
+def _resolve_dtype(dtype, directory: str) -> torch.dtype:
+    """``dtype`` as a torch dtype: None or "auto" = the stored one; names like "bfloat16"."""
+    if dtype is None or dtype == "auto":
+        return checkpoint_dtype(directory)
+    if isinstance(dtype, str):
+        key = dtype.replace("torch.", "").lower()
+        if key not in _DTYPE_NAMES:
+            raise ValueError(f"from_pretrained: dtype {dtype!r} is not a floating dtype; use one of {sorted(_DTYPE_NAMES)} or 'auto'")
+        return _DTYPE_NAMES[key]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"from_pretrained: dtype must be a floating torch.dtype, a name or 'auto', got {dtype!r}")
+    return dtype
+
+
+def _resolve_device(device, device_map) -> torch.device:
+    """One device from ``device`` or ``device_map`` (a device, or {"": device}); a map that
+    spreads the model over several devices ("auto", per-module dicts) is refused."""
+    if device is not None and device_map is not None:
+        raise ValueError("from_pretrained: pass device or device_map, not both")
+    if device_map is not None:
+        if isinstance(device_map, dict) and set(device_map) == {""}:
+            device = device_map[""]
+        elif isinstance(device_map, (str, int, torch.device)) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+            device = device_map
+        else:
+            raise ValueError(
+                f"from_pretrained: device_map={device_map!r} would spread the model over devices, which dsmoe's "
+                "model does not do; pass one device (device='cuda'), or load it with transformers' "
+                "AutoModelForCausalLM.from_pretrained(path, device_map=...) after import dsmoe"
+            )
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, int) and not isinstance(device, bool):
+        device = f"cuda:{device}"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"from_pretrained: device {device!r} is not a device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"from_pretrained: device {str(device)!r} asked for, but torch finds no CUDA device")
+    return device
+
+
+def load_pretrained(cls, path: Union[str, os.PathLike], *, dtype=None, torch_dtype=None,
+                    device: Union[str, torch.device, int, None] = None, device_map=None,
+                    moe_impl: str = "dsmoe", **config_overrides):
     """Builds ``cls(config)`` without initialising it (meta device), then fills it from the
-    checkpoint at ``path``."""
+    checkpoint at ``path``. ``dtype`` (or its old name ``torch_dtype``): a torch dtype, a name
+    or "auto"/None for the stored one. ``device`` or ``device_map`` (one device, or {"": device}).
+    Other keywords must be config fields (they override config.json); anything else is a
+    TypeError."""
     directory = os.fspath(path)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    unknown = sorted(k for k in config_overrides if k not in DeepSeekMoEConfig._DEFAULTS and k not in ALIASES)
+    if unknown:
+        raise TypeError(
+            f"from_pretrained: unexpected keyword argument(s) {', '.join(unknown)} (accepted: dtype, device, "
+            "device_map, moe_impl and config fields to override)"
+        )
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"from_pretrained: dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree")
     config = DeepSeekMoEConfig.from_pretrained(directory, **config_overrides)
-    if dtype is None:
-        dtype = checkpoint_dtype(directory)
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    for key in ("torch_dtype", "dtype"):  # stored metadata, rewritten at every save
+        config.extra.pop(key, None)
+    dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, directory)
+    device = _resolve_device(device, device_map)
     with torch.device("meta"):
         model = cls(config, moe_impl=moe_impl)
     model.to(dtype)  # on meta: nothing is allocated until to_empty, and then in the final dtype
@@ -306,12 +462,15 @@ def load_pretrained(cls, path: Union[str, os.PathLike], *, dtype: Optional[torch
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     load_state_into(model, directory)
+    model._dsmoe_source_dir = os.path.abspath(directory)  # its tokenizer files go along on save
     model.eval()
     return model
 
 
 __all__ = [
     "CheckpointError",
+    "SaveError",
+    "TOKENIZER_FILES",
     "SAFE_WEIGHTS_NAME",
     "SAFE_INDEX_NAME",
     "hf_layout",

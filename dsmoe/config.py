@@ -316,6 +316,28 @@ class DeepSeekMoEConfig:
         return f"DeepSeekMoEConfig({body})"
 
 
+def position_limit(config: "DeepSeekMoEConfig") -> Optional[int]:
+    """The most positions the model was made for: max_position_embeddings, times the factor of a
+    linear rope scaling; None (no limit) with dynamic NTK scaling, which exists to go past it."""
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("type", scaling.get("rope_type"))
+    if kind == "dynamic":
+        return None
+    if kind == "linear":
+        return int(config.max_position_embeddings * float(scaling["factor"]))
+    return config.max_position_embeddings
+
+
+def check_positions(config: "DeepSeekMoEConfig", needed: int, what: str) -> None:
+    """ValueError when ``needed`` positions exceed :func:`position_limit` (as the CLI refuses)."""
+    limit = position_limit(config)
+    if limit is not None and needed > limit:
+        raise ValueError(
+            f"{what} needs {needed} positions but the model's max_position_embeddings is {limit}; "
+            "shorten the input (or the number of new tokens)"
+        )
+
+
 # ---------------------------------------------------------------- presets
 # The paper's models (DeepSeekMoE, arXiv 2401.06066). A "standard FFN" there has an intermediate
 # size of 2.75 x hidden; fine-grained experts are 1/4 (2B, 16B) or 1/8 (145B) of it, i.e. 880 and

@@ -1,10 +1,19 @@
 """KV cache and autoregressive generation (greedy and sampling, batched with left padding)."""
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
+
+from .config import check_positions
+
+# The default of generate's eos_token_id: the model config's (an explicit None means no stop).
+FROM_CONFIG = "config"
+# Steps between the checks whether every row has finished (each check syncs with the device).
+EOS_CHECK_INTERVAL = 8
 
 
 class KVCache:
@@ -124,7 +133,7 @@ def generate(
     temperature: Optional[float] = None,
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
-    eos_token_id: Union[int, Sequence[int], None] = None,
+    eos_token_id: Union[int, Sequence[int], None, str] = FROM_CONFIG,
     pad_token_id: Optional[int] = None,
     attention_mask: Optional[Tensor] = None,
     use_cache: bool = True,
@@ -136,10 +145,13 @@ def generate(
     Greedy unless sampling is asked for (``do_sample=True``, or any of temperature / top_k /
     top_p given; temperature 0 means greedy). Rows of a batch may be left-padded: pass
     ``attention_mask`` (1 = token, 0 = padding); positions then start at each row's first
-    token, so a padded row generates what it would alone. Once a row emits ``eos_token_id`` it
+    token, so a padded row generates what it would alone (a right-padded row cannot: it gets a
+    warning). Once a row emits ``eos_token_id`` (default: the config's; ``None``: never stop) it
     is filled with ``pad_token_id`` (default: the eos id) and generation stops when every row
-    is done. ``streamer`` is called with each step's new tokens [B]. The KV cache (static, one
-    buffer of L + max_new_tokens) is used unless ``use_cache=False``.
+    is done; that is checked every EOS_CHECK_INTERVAL steps, not every step (each check waits
+    for the device), and the result is cut where the last row finished. ``streamer`` is called
+    with each step's new tokens [B]. The KV cache (static, one buffer of L + max_new_tokens) is
+    used unless ``use_cache=False``. Prompt plus new tokens must fit max_position_embeddings.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"generate: input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -158,6 +170,9 @@ def generate(
         raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
     if top_k is not None and top_k < 0:
         raise ValueError(f"generate: top_k must be >= 0, got {top_k}")
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"generate: {name} must be a finite number, got {value}")
     if do_sample is None:
         do_sample = temperature is not None or top_k is not None or top_p is not None
     if temperature == 0:
@@ -165,6 +180,11 @@ def generate(
     temperature = 1.0 if temperature is None else float(temperature)
     config = model.config
     total = input_ids.shape[1] + max_new_tokens
+    check_positions(config, total, f"generate (a prompt of {input_ids.shape[1]} tokens + max_new_tokens={max_new_tokens})")
+    if isinstance(eos_token_id, str):
+        if eos_token_id != FROM_CONFIG:
+            raise ValueError(f"generate: eos_token_id must be an integer, a list of them or None, got {eos_token_id!r}")
+        eos_token_id = config.eos_token_id
     eos_ids = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     if pad_token_id is None:
         pad_token_id = eos_ids[0] if eos_ids else (config.pad_token_id if config.pad_token_id is not None else 0)
@@ -174,8 +194,18 @@ def generate(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
-    eos = torch.tensor(eos_ids, device=device, dtype=input_ids.dtype) if eos_ids else None
+    # a meta-device run (shapes only) has no values to look at: no checks, no early stop
+    has_values = device.type != "meta"
+    if has_values and B > 1 and bool((attention_mask[:, -1] == 0).any()):  # one check per call
+        warnings.warn(
+            "generate: right padding detected (a row's last column is padding); new tokens follow "
+            "the padding and differ from that row alone. Pad on the left for batched generation.",
+            stacklevel=3,
+        )
+    eos = torch.tensor(eos_ids, device=device, dtype=input_ids.dtype) if eos_ids and has_values else None
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    # the step at which every row had finished (max_new_tokens = not yet), kept on the device
+    all_done_at = torch.full((), max_new_tokens, dtype=torch.long, device=device)
     tokens = input_ids
     if max_new_tokens == 0:
         return tokens
@@ -211,11 +241,14 @@ def generate(
         if eos is not None:
             next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
             finished = finished | torch.isin(next_tokens, eos)
+            all_done_at = torch.where(finished.all() & (all_done_at == max_new_tokens), step, all_done_at)
         tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
         attention_mask = torch.cat([attention_mask, torch.ones_like(next_tokens[:, None])], dim=1)
         if streamer is not None:
             streamer(next_tokens)
-        if step == max_new_tokens - 1 or (eos is not None and bool(finished.all())):
+        if step == max_new_tokens - 1:
+            break
+        if eos is not None and (step + 1) % EOS_CHECK_INTERVAL == 0 and bool(finished.all()):
             break
         if use_cache:
             pos = L + step
@@ -229,7 +262,9 @@ def generate(
             )
         else:
             out = model(tokens, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+    if eos is not None:  # drop the steps run after every row had finished
+        tokens = tokens[:, : L + int(all_done_at) + 1]
     return tokens
 
 
-__all__ = ["KVCache", "generate"]
+__all__ = ["KVCache", "generate", "FROM_CONFIG", "EOS_CHECK_INTERVAL"]

@@ -12,14 +12,17 @@ AddAuxiliaryLoss injects the balance-loss gradient into backward).
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, fields
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from .config import DeepSeekMoEConfig
+from .config import DeepSeekMoEConfig, check_positions
 from .generation import KVCache, generate as _generate
 from .layers import (
     DeepSeekMoEBlock,
@@ -62,6 +65,25 @@ class CausalLMOutput:
         return iter(self.keys())
 
 
+@torch.no_grad()
+def init_module(module: nn.Module, std: float) -> None:
+    """The seeds' initialisation of one module: normal(0, std) for linear, embedding and expert
+    weights (padding row zeroed), ones for norms, kaiming-uniform router weights. Shared by
+    :class:`DeepSeekMoEForCausalLM` and the transformers face (dsmoe.hf)."""
+    if isinstance(module, nn.Linear):
+        module.weight.normal_(0.0, std)
+        if module.bias is not None:
+            module.bias.zero_()
+    elif isinstance(module, nn.Embedding):
+        module.weight.normal_(0.0, std)
+        if module.padding_idx is not None:
+            module.weight[module.padding_idx].zero_()
+    elif isinstance(module, (RoutedExperts, TopKRouter)):
+        module.reset_parameters()
+    elif isinstance(module, RMSNorm):
+        module.weight.fill_(1.0)
+
+
 class DeepSeekMoEBackbone(nn.Module):
     """Embeddings, decoder blocks and the final RMSNorm (the Hugging Face ``model.`` prefix)."""
 
@@ -75,6 +97,10 @@ class DeepSeekMoEBackbone(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
+        # activation checkpointing of every decoder block in training (set_gradient_checkpointing,
+        # or transformers' gradient_checkpointing_enable on the transformers face)
+        self.gradient_checkpointing = False
+        self._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
 
     def _mask(
         self, attention_mask: Optional[Tensor], B: int, L: int, kv_len: int, cache_position: Tensor, past: bool
@@ -106,9 +132,13 @@ class DeepSeekMoEBackbone(nn.Module):
         past_key_values: Optional[KVCache] = None,
         cache_position: Optional[Tensor] = None,
         inputs_embeds: Optional[Tensor] = None,
-    ) -> Tuple[Tensor, Optional[Tensor], Tuple[Tensor, ...]]:
-        """Returns (normed hidden states [B, L, h], summed aux loss or None, tokens per expert
-        of each MoE layer)."""
+        output_hidden_states: bool = False,
+        output_router_logits: bool = False,
+    ) -> "BackboneOutput":
+        """Returns :class:`BackboneOutput`: the normed hidden states [B, L, h], the summed aux
+        loss (or None), the tokens per expert of each MoE layer, and on request every layer's
+        input plus the final normed states (``output_hidden_states``) and each MoE layer's
+        router logits [B*L, E] (``output_router_logits``)."""
         if inputs_embeds is None:
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -118,6 +148,10 @@ class DeepSeekMoEBackbone(nn.Module):
         cache = past_key_values
         past_len = cache.get_seq_length() if cache is not None else 0
         kv_len = cache.kv_length(L) if cache is not None else L
+        if cache is None or not cache.is_static or cache_position is None:
+            # a caller passing cache_position into a static cache owns the positions (generate
+            # checks its whole length up front)
+            check_positions(self.config, past_len + L, "forward")
         if cache_position is None:
             if cache is not None and cache.is_static:
                 if past_len + L > cache.max_length:
@@ -146,16 +180,56 @@ class DeepSeekMoEBackbone(nn.Module):
         mask = self._mask(attention_mask, B, L, kv_len, cache_position, has_past)
         cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
 
+        router_logits: List[Tensor] = []
+        hooks = []
+        if output_router_logits:
+            for layer in self.layers:
+                if layer.is_moe:
+                    gate = layer.mlp.gate
+                    # the router's input is [T, h]; its logits without the training noise
+                    hooks.append(gate.register_forward_hook(
+                        lambda module, args, out: router_logits.append(F.linear(args[0], module.weight))
+                    ))
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         hidden_states = inputs_embeds
+        all_hidden: List[Tensor] = []
         aux_loss: Optional[Tensor] = None
         loads: List[Tensor] = []
-        for layer in self.layers:
-            hidden_states, layer_aux, load = layer(hidden_states, cos, sin, mask, cache, cache_position)
-            if layer_aux is not None:
-                aux_loss = layer_aux if aux_loss is None else aux_loss + layer_aux
-            if load is not None:
-                loads.append(load)
-        return self.norm(hidden_states), aux_loss, tuple(loads)
+        try:
+            for layer in self.layers:
+                if output_hidden_states:
+                    all_hidden.append(hidden_states)
+                if checkpointing:
+                    hidden_states, layer_aux, load = self._gradient_checkpointing_func(
+                        layer.__call__, hidden_states, cos, sin, mask, cache, cache_position
+                    )
+                else:
+                    hidden_states, layer_aux, load = layer(hidden_states, cos, sin, mask, cache, cache_position)
+                if layer_aux is not None:
+                    aux_loss = layer_aux if aux_loss is None else aux_loss + layer_aux
+                if load is not None:
+                    loads.append(load)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden.append(hidden_states)
+        return BackboneOutput(
+            hidden_states,
+            aux_loss,
+            tuple(loads),
+            tuple(all_hidden) if output_hidden_states else None,
+            tuple(router_logits) if output_router_logits else None,
+        )
+
+
+class BackboneOutput(NamedTuple):
+    hidden_states: Tensor  # final normed hidden states [B, L, h]
+    aux_loss: Optional[Tensor]  # sum of the MoE balance losses (training mode), or None
+    tokens_per_expert: Tuple[Tensor, ...]  # per MoE layer, [E] int32
+    all_hidden_states: Optional[Tuple[Tensor, ...]]  # each layer's input, then the final normed states
+    router_logits: Optional[Tuple[Tensor, ...]]  # per MoE layer, [B*L, E]
 
 
 class DeepSeekMoEForCausalLM(nn.Module):
@@ -179,24 +253,9 @@ class DeepSeekMoEForCausalLM(nn.Module):
     # ------------------------------------------------------------ init / properties
     @torch.no_grad()
     def init_weights(self) -> None:
-        """The seeds' initialisation: normal(0, initializer_range) for linear, embedding and
-        expert weights (padding row zeroed), ones for norms, kaiming-uniform router weights."""
-        std = self.config.initializer_range
+        """The seeds' initialisation (see :func:`init_module`) of every module."""
         for module in self.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.normal_(0.0, std)
-                if module.bias is not None:
-                    module.bias.zero_()
-            elif isinstance(module, nn.Embedding):
-                module.weight.normal_(0.0, std)
-                if module.padding_idx is not None:
-                    module.weight[module.padding_idx].zero_()
-            elif isinstance(module, RoutedExperts):
-                module.reset_parameters()
-            elif isinstance(module, TopKRouter):
-                module.reset_parameters()
-            elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
+            init_module(module, self.config.initializer_range)
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -210,6 +269,10 @@ class DeepSeekMoEForCausalLM(nn.Module):
         _check_impl(impl)
         for layer in self.moe_layers():
             layer.impl = impl
+
+    def set_gradient_checkpointing(self, enable: bool = True) -> None:
+        """Recomputes each decoder block's activations in backward (training mode only)."""
+        self.model.gradient_checkpointing = bool(enable)
 
     def moe_layers(self) -> List[DeepSeekMoELayer]:
         return [block.mlp for block in self.model.layers if block.is_moe]
@@ -265,7 +328,7 @@ class DeepSeekMoEForCausalLM(nn.Module):
             use_cache = past_key_values is not None
         if use_cache and past_key_values is None:
             past_key_values = KVCache.dynamic(self.config)
-        hidden_states, aux_loss, loads = self.model(
+        hidden_states, aux_loss, loads, _, _ = self.model(
             input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -305,7 +368,9 @@ class DeepSeekMoEForCausalLM(nn.Module):
     # ------------------------------------------------------------ checkpoints
     def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: Optional[int | str] = None) -> None:
         """config.json + safetensors in the Hugging Face deepseek-moe layout (sharded with
-        model.safetensors.index.json when ``max_shard_size`` is exceeded)."""
+        model.safetensors.index.json when ``max_shard_size`` is exceeded), written atomically;
+        the tokenizer files of the directory the model was loaded from come along. transformers
+        opens the directory with AutoModelForCausalLM after ``import dsmoe``."""
         from .checkpoint import save_pretrained
 
         save_pretrained(self, save_directory, max_shard_size=max_shard_size)
@@ -315,16 +380,24 @@ class DeepSeekMoEForCausalLM(nn.Module):
         cls,
         path: str | os.PathLike,
         *,
-        dtype: Optional[torch.dtype] = None,
-        device: Optional[str | torch.device] = None,
+        dtype: Optional[torch.dtype | str] = None,
+        torch_dtype: Optional[torch.dtype | str] = None,
+        device: Optional[str | torch.device | int] = None,
+        device_map: Any = None,
         moe_impl: str = "dsmoe",
         **config_overrides: Any,
     ) -> "DeepSeekMoEForCausalLM":
-        """Loads a checkpoint directory (ours or a released deepseek-moe one); ``dtype`` defaults
-        to the stored one."""
+        """Loads a checkpoint directory (ours or a released deepseek-moe one). ``dtype`` (alias
+        ``torch_dtype``): a dtype, a name or "auto"; default the stored one. ``device`` or
+        ``device_map`` (one device, or {"": device}; a map over several devices is refused).
+        Other keywords must be config fields to override (anything else is a TypeError). The
+        directory's NaN/inf weights are refused, naming the first such tensor."""
         from .checkpoint import load_pretrained
 
-        return load_pretrained(cls, path, dtype=dtype, device=device, moe_impl=moe_impl, **config_overrides)
+        return load_pretrained(
+            cls, path, dtype=dtype, torch_dtype=torch_dtype, device=device, device_map=device_map,
+            moe_impl=moe_impl, **config_overrides,
+        )
 
 
 # The seeds' README calls the full language model DeepSeekMoEModel (its outputs carry
@@ -332,4 +405,4 @@ class DeepSeekMoEForCausalLM(nn.Module):
 # DeepSeekMoEBackbone here.
 DeepSeekMoEModel = DeepSeekMoEForCausalLM
 
-__all__ = ["CausalLMOutput", "DeepSeekMoEBackbone", "DeepSeekMoEForCausalLM", "DeepSeekMoEModel"]
+__all__ = ["BackboneOutput", "CausalLMOutput", "DeepSeekMoEBackbone", "DeepSeekMoEForCausalLM", "DeepSeekMoEModel"]

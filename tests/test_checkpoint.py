@@ -254,3 +254,166 @@ def test_bad_shard_size_refused(tmp_path):
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
     model.save_pretrained(tmp_path)  # a later unsharded save replaces the shards
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+
+
+# ------------------------------------------------------------------ from_pretrained's arguments
+
+
+def test_from_pretrained_dtype_and_device_arguments(tmp_path):
+    model = DeepSeekMoEForCausalLM(tiny())
+    model.save_pretrained(tmp_path)
+    for kwargs in ({"torch_dtype": torch.bfloat16}, {"dtype": "bfloat16"}, {"dtype": "bf16"}):
+        assert DeepSeekMoEForCausalLM.from_pretrained(tmp_path, **kwargs).dtype == torch.bfloat16, kwargs
+    assert DeepSeekMoEForCausalLM.from_pretrained(tmp_path, dtype="auto").dtype == torch.float32
+    for kwargs in ({"device": "cpu"}, {"device_map": "cpu"}, {"device_map": {"": "cpu"}}):
+        assert DeepSeekMoEForCausalLM.from_pretrained(tmp_path, **kwargs).device == torch.device("cpu"), kwargs
+    with pytest.raises(ValueError, match="device_map='auto' would spread"):
+        DeepSeekMoEForCausalLM.from_pretrained(tmp_path, device_map="auto")
+    with pytest.raises(ValueError, match="device or device_map, not both"):
+        DeepSeekMoEForCausalLM.from_pretrained(tmp_path, device="cpu", device_map="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            DeepSeekMoEForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="cuda")
+    with pytest.raises(ValueError, match="not a floating dtype"):
+        DeepSeekMoEForCausalLM.from_pretrained(tmp_path, dtype="int8")
+    with pytest.raises(ValueError, match="disagree"):
+        DeepSeekMoEForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, torch_dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="trust_remote_code"):
+        DeepSeekMoEForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
+    # config fields stay overridable, and a re-save writes plain JSON
+    loaded = DeepSeekMoEForCausalLM.from_pretrained(tmp_path, aux_loss_alpha=0.5, torch_dtype=torch.bfloat16)
+    assert loaded.config.aux_loss_alpha == 0.5
+    loaded.save_pretrained(tmp_path / "again")
+    config = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16" and config["aux_loss_alpha"] == 0.5 and "dtype" not in config
+
+
+# ------------------------------------------------------------------ atomic saving
+
+
+def _snapshot(directory) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def test_save_into_an_existing_directory_keeps_other_files_and_drops_stale_shards(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.csv").write_text("step,loss\n")
+    first = DeepSeekMoEForCausalLM(tiny())
+    first.save_pretrained(run, max_shard_size=20_000)
+    assert (run / "model.safetensors.index.json").exists()
+    torch.manual_seed(1)
+    second = DeepSeekMoEForCausalLM(tiny())
+    second.save_pretrained(run)  # one file now: the shards and the index of the first go
+    names = sorted(p.name for p in run.iterdir())
+    assert names == ["config.json", "log.csv", "model.safetensors"]
+    assert_same_weights(DeepSeekMoEForCausalLM.from_pretrained(run), second)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging directory left
+
+
+@pytest.mark.parametrize("fault", ["disk_full", "safetensors"])
+@pytest.mark.parametrize("existing", [True, False])
+def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch, fault, existing):
+    import errno
+
+    import safetensors
+    import safetensors.torch
+
+    import dsmoe.checkpoint as checkpoint
+
+    target = tmp_path / "ckpt"
+    before = DeepSeekMoEForCausalLM(tiny())
+    if existing:
+        before.save_pretrained(target, max_shard_size=20_000)
+        (target / "notes.txt").write_text("mine")
+        snapshot = _snapshot(target)
+    if fault == "disk_full":
+        writes = []
+        real_write = checkpoint._fsync_write
+
+        def write(path, data):
+            writes.append(path)
+            if len(writes) == 2:  # the second file: after one shard is on disk
+                raise OSError(errno.ENOSPC, "No space left on device", path)
+            real_write(path, data)
+
+        monkeypatch.setattr(checkpoint, "_fsync_write", write)
+        expected = "No space left on device"
+    else:
+        def save(*args, **kwargs):
+            raise safetensors.SafetensorError("Error while serializing: IoError")
+
+        monkeypatch.setattr(safetensors.torch, "save", save)
+        expected = "Error while serializing"
+    torch.manual_seed(2)
+    with pytest.raises(OSError) as info:
+        DeepSeekMoEForCausalLM(tiny()).save_pretrained(target, max_shard_size=20_000)
+    message = str(info.value)
+    assert "\n" not in message and str(target) in message and expected in message
+    assert isinstance(info.value, checkpoint.SaveError)
+    if existing:
+        assert _snapshot(target) == snapshot  # byte for byte what it was
+        monkeypatch.undo()
+        assert_same_weights(DeepSeekMoEForCausalLM.from_pretrained(target), before)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    else:
+        assert list(tmp_path.iterdir()) == []  # neither the target nor a partial staging directory
+
+
+_SAVE_LOOP = """
+import sys, torch
+from dsmoe import DeepSeekMoEForCausalLM, get_preset
+cfg = get_preset("tiny", hidden_size=128, intermediate_size=256, moe_intermediate_size=64, n_routed_experts=16)
+models = []
+for seed in (0, 1):
+    torch.manual_seed(seed)
+    models.append(DeepSeekMoEForCausalLM(cfg))
+print("ready", flush=True)
+i = 0
+while True:
+    models[i % 2].save_pretrained(sys.argv[1])
+    i += 1
+"""
+
+
+def test_kill_9_during_saves_leaves_a_loadable_checkpoint(tmp_path):
+    """A process saving two models in turn into one directory, killed at random moments: the
+    directory always loads, as exactly one of the two."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    target = tmp_path / "ckpt"
+    cfg = get_preset("tiny", hidden_size=128, intermediate_size=256, moe_intermediate_size=64, n_routed_experts=16)
+    expected = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        expected.append(DeepSeekMoEForCausalLM(cfg))
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    rng = random.Random(0)
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", _SAVE_LOOP, str(target)], stdout=subprocess.PIPE, env=env)
+        assert proc.stdout.readline().strip() == b"ready"
+        deadline = time.time() + 60
+        while not (target / "config.json").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        loaded = DeepSeekMoEForCausalLM.from_pretrained(target)
+        matches = [all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), m.state_dict().values())) for m in expected]
+        assert any(matches)
+
+
+def test_nan_or_inf_weights_are_refused_naming_the_tensor(tmp_path):
+    model = DeepSeekMoEForCausalLM(tiny())
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(path)
+    tensors["model.layers.1.mlp.experts.3.up_proj.weight"][2, 5] = float("nan")
+    tensors["model.norm.weight"][0] = float("inf")
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"tensor model\.(layers\.1\.mlp\.experts\.3\.up_proj|norm)\.weight .* 1 NaN/inf value"):
+        DeepSeekMoEForCausalLM.from_pretrained(tmp_path)

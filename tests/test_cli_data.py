@@ -63,13 +63,13 @@ def test_foreign_tokenizer_json_is_used_as_is(tmp_path):
     tok = load_tokenizer(tmp_path, vocab_size=8, bos_id=3, eos_id=None)
     assert isinstance(tok, HFTokenizer)
     assert tok.encode("hello world") == [1, 2]
-    with pytest.raises(CLIError, match="vocab_size"):
+    with pytest.raises(ValueError, match="vocab_size"):
         load_tokenizer(tmp_path, vocab_size=3)
     (tmp_path / "tokenizer.json").unlink()
-    with pytest.raises(CLIError, match="no tokenizer.json"):
+    with pytest.raises(ValueError, match="no tokenizer.json"):
         load_tokenizer(tmp_path, vocab_size=32000)
     (tmp_path / "tokenizer.json").write_text("{not json")
-    with pytest.raises(CLIError, match="cannot read tokenizer"):
+    with pytest.raises(ValueError, match="cannot read tokenizer"):
         load_tokenizer(tmp_path, vocab_size=32000)
 
 

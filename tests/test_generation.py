@@ -128,6 +128,8 @@ def test_generate_argument_errors():
         model.generate(ids, max_new_tokens=2, top_p=1.5)
     with pytest.raises(ValueError, match="temperature"):
         model.generate(ids, max_new_tokens=2, temperature=-1.0)
+    with pytest.raises(ValueError, match="temperature must be a finite"):
+        model.generate(ids, max_new_tokens=2, temperature=float("nan"))
     with pytest.raises(ValueError, match="do not fit"):
         cache = KVCache.static(model.config, 2, 6, dtype=torch.float64)
         model(ids, past_key_values=cache)
@@ -135,3 +137,84 @@ def test_generate_argument_errors():
     with pytest.raises(ValueError, match="batch size"):
         cache = KVCache.static(model.config, 1, 8, dtype=torch.float64)
         model(ids, past_key_values=cache)
+
+
+def test_generate_stops_at_the_config_eos_by_default():
+    model = make_model()
+    ids = torch.randint(0, 64, (1, 4))
+    free = model.generate(ids, max_new_tokens=10, eos_token_id=None)
+    eos = int(free[0, 6])  # the third new token
+    first = (free[0, 4:] == eos).nonzero()[0, 0].item()
+    model.config.eos_token_id = eos
+    stopped = model.generate(ids, max_new_tokens=10)
+    assert torch.equal(stopped, free[:, : 4 + first + 1])
+    assert torch.equal(model.generate(ids, max_new_tokens=10, eos_token_id=None), free)  # None: never stop
+    with pytest.raises(ValueError, match="eos_token_id"):
+        model.generate(ids, max_new_tokens=2, eos_token_id="end")
+
+
+def test_rows_finishing_at_different_steps_cut_where_the_last_finished():
+    model = make_model()
+    ids = torch.randint(0, 64, (2, 4))
+    free = model.generate(ids, max_new_tokens=20, eos_token_id=None)
+    eos = int(free[0, 5])
+    hits = [(free[r, 4:] == eos).nonzero() for r in range(2)]
+    if not len(hits[1]):
+        pytest.skip("row 1 never emits row 0's second token")
+    last = max(int(h[0, 0]) for h in hits)
+    out = model.generate(ids, max_new_tokens=20, eos_token_id=eos, pad_token_id=63)
+    assert out.shape[1] == 4 + last + 1
+
+
+def test_eos_check_does_not_sync_every_step(monkeypatch):
+    """Each bool() of a tensor waits for the device; generate asks every EOS_CHECK_INTERVAL steps."""
+    from dsmoe.generation import EOS_CHECK_INTERVAL
+
+    model = make_model()
+    ids = torch.randint(0, 64, (1, 4))
+    never = 64  # no such token: no row ever finishes
+    calls = []
+    to_bool = torch.Tensor.__bool__
+
+    def counted(self):
+        calls.append(1)
+        return to_bool(self)
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", counted)
+    model.generate(ids, max_new_tokens=32, eos_token_id=never)
+    assert 0 < len(calls) <= 32 // EOS_CHECK_INTERVAL
+
+
+def test_positions_past_the_model_limit_are_refused():
+    model = make_model(max_position_embeddings=16)
+    ids = torch.randint(0, 64, (1, 10))
+    with pytest.raises(ValueError, match="max_position_embeddings is 16"):
+        model.generate(ids, max_new_tokens=7)
+    assert model.generate(ids, max_new_tokens=6).shape == (1, 16)
+    with pytest.raises(ValueError, match="max_position_embeddings is 16"):
+        model(torch.randint(0, 64, (1, 17)))
+    cache = KVCache.dynamic(model.config)
+    model(ids, past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="needs 17 positions"):
+        model(torch.randint(0, 64, (1, 7)), past_key_values=cache, use_cache=True)
+    # linear scaling stretches the limit; dynamic (NTK) scaling exists to go past it
+    linear = make_model(max_position_embeddings=16, rope_scaling={"type": "linear", "factor": 2.0})
+    assert linear.generate(ids, max_new_tokens=22).shape == (1, 32)
+    dynamic = make_model(max_position_embeddings=16, rope_scaling={"type": "dynamic", "factor": 2.0})
+    assert dynamic.generate(ids, max_new_tokens=30).shape == (1, 40)
+
+
+def test_right_padding_warns():
+    model = make_model()
+    ids = torch.randint(1, 64, (2, 5))
+    mask = torch.ones_like(ids)
+    mask[1, 3:] = 0  # row 1 padded on the right
+    with pytest.warns(UserWarning, match="right padding"):
+        model.generate(ids, max_new_tokens=2, attention_mask=mask)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding: no warning
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.generate(ids, max_new_tokens=2, attention_mask=mask)

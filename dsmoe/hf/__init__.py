@@ -1,0 +1,1 @@
+"""dsmoe's transformers integration (needs transformers): the DeepSeekMoE model's transformers face (modeling)."""
