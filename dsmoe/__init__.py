@@ -1,30 +1,40 @@
-"""dsmoe: fast fine-grained Mixture-of-Experts operators and the DeepSeekMoE model."""
-from ._ext import build_info, cpu_kernels
-from . import ops
-from .config import (
-    DeepSeekMoEConfig,
-    count_parameters,
-    deepseek_moe_2b,
-    deepseek_moe_16b,
-    deepseek_moe_145b,
-    get_preset,
-    preset_names,
-)
-from .generation import KVCache
-from .layers import (
-    DeepSeekMoEBlock,
-    DeepSeekMoELayer,
-    Expert,
-    ExpertGroup,
-    NoisyTopKRouter,
-    RoutedExperts,
-    SharedExpert,
-    TopKRouter,
-)
-from .losses import DeviceBalanceLoss, LoadBalanceLoss
-from .model import CausalLMOutput, DeepSeekMoEBackbone, DeepSeekMoEForCausalLM, DeepSeekMoEModel
+"""dsmoe: fast fine-grained Mixture-of-Experts operators and the DeepSeekMoE model.
 
-__version__ = build_info()["version"]
+The names in ``__all__`` are imported on first use (PEP 562): ``import dsmoe`` itself does not
+import torch, so the command line starts at once (``dsmoe --help``). ``dsmoe.ops`` and what uses
+it (layers, model) load the compiled extension, which registers ``torch.ops.dsmoe``."""
+
+
+# public name -> the submodule that defines it (None: the name is that submodule)
+_SOURCES = {
+    "build_info": "_ext", "cpu_kernels": "_ext", "ops": None,
+    **dict.fromkeys(("DeepSeekMoEConfig", "count_parameters", "deepseek_moe_2b", "deepseek_moe_16b",
+                     "deepseek_moe_145b", "get_preset", "preset_names"), "config"),
+    "KVCache": "generation",
+    **dict.fromkeys(("DeepSeekMoEBlock", "DeepSeekMoELayer", "Expert", "ExpertGroup", "NoisyTopKRouter",
+                     "RoutedExperts", "SharedExpert", "TopKRouter"), "layers"),
+    "DeviceBalanceLoss": "losses", "LoadBalanceLoss": "losses",
+    **dict.fromkeys(("CausalLMOutput", "DeepSeekMoEBackbone", "DeepSeekMoEForCausalLM", "DeepSeekMoEModel"), "model"),
+}
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name == "__version__":
+        value = __getattr__("build_info")()["version"]
+    elif name in _SOURCES:
+        module = importlib.import_module(f".{_SOURCES[name] or name}", __name__)
+        value = module if _SOURCES[name] is None else getattr(module, name)
+    else:
+        raise AttributeError(f"module 'dsmoe' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "build_info",
