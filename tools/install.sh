@@ -68,8 +68,8 @@ start=$SECONDS
 set +e
 # pip -v passes ninja's output through; of it, one short line per compiled file
 "$PY" -m pip install -v --no-build-isolation -e . 2>&1 | tee build/install.log | {
-  grep --line-buffered -E '^\[[0-9]+/[0-9]+\] |^dsmoe: ' |
-    sed -u -E 's#^(\[[0-9]+/[0-9]+\]) .* -c ([^ ]*/)?(csrc/[^ ]+) .*#  \1 \3#; s#^(\[[0-9]+/[0-9]+\]) .* -o ([^ ]+)$#  \1 linking \2#'
+  grep --line-buffered -E '^ *\[[0-9]+/[0-9]+\] |^ *dsmoe: ' |
+    sed -u -E 's#^ *(\[[0-9]+/[0-9]+\]) .* -c ([^ ]*/)?(csrc/[^ ]+) .*#  \1 \3#; s#^ *(\[[0-9]+/[0-9]+\]) .* -o ([^ ]+)$#  \1 linking \2#; s#^ *(dsmoe: )#  \1#'
   true
 }
 status=${PIPESTATUS[0]}
