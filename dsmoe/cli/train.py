@@ -432,8 +432,8 @@ def _run(ns: argparse.Namespace, dist=None) -> int:
                 run_dir = resume_run
                 for line in ckpt.clean_partial_saves(run_dir):
                     print(f"{run_dir}: {line} (left by a save that was stopped)")
-                if run_id is None:  # a run of a dsmoe without run ids: it gets one now
-                    run_id = ckpt.new_id()
+                if ckpt.read_run(run_dir) is None:  # a run of a dsmoe without run ids: it gets one now
+                    run_id = run_id or ckpt.new_id()
                     ckpt.write_run(run_dir, run_id, branched_from=None)
                 retired = ckpt.retire_later(run_dir, start_step, FINAL_FILES)
                 if retired is not None:
@@ -444,9 +444,9 @@ def _run(ns: argparse.Namespace, dist=None) -> int:
                 run_dir = claimed.path
                 run_id = ckpt.new_id()
                 ckpt.write_run(run_dir, run_id, branched_from=trainer.parent)
-                write_json(run_dir / "train_args.json", a)
                 ckpt.publish_files(run_dir, lambda d: (cfg.save_pretrained(d), trainer.tokenizer.save(d)),
                                    "the run's config")
+            write_json(run_dir / "train_args.json", a)  # on resume, with the new --steps etc.
         if dist is not None:  # every process writes into rank 0's directory
             where, run_id = dist.broadcast((str(run_dir), run_id) if main else None)
             run_dir = Path(where)
@@ -541,22 +541,25 @@ def _train(ns, a: dict, trainer: Trainer, run_dir: Path, resume_ckpt: Path | Non
             if dist.should_stop(stop.requested) if dist is not None else stop.requested:
                 interrupted = True
                 break
-    if bar is not None:
-        bar.close()
+        if bar is not None:
+            bar.close()
 
-    if interrupted:
-        path = trainer.save()
-        print(f"interrupted at step {trainer.step}/{steps} ({stop.requested}); checkpoint saved to {path}")
-        print(f"continue with: dsmoe train --resume {run_dir}")
+        if interrupted:
+            path = trainer.save()
+            print(f"interrupted at step {trainer.step}/{steps} ({stop.requested}); checkpoint saved to {path}")
+            print(f"continue with: dsmoe train --resume {run_dir}")
+            return 143 if stop.requested == "SIGTERM" else 130
+
+        val = trainer.evaluate()
+        log.add(step=trainer.step, split="val", loss=val, tokens=trainer.tokens, elapsed_s=round(trainer.elapsed, 3))
+        final = trainer.save()
+        if dist is not None:  # gathered; rank 0 writes it and keeps a one-process copy for the sample
+            model = dist.export_hf(model, run_dir)
+        else:  # the run directory itself is a loadable checkpoint
+            ckpt.publish_files(run_dir, model.save_pretrained, "the final model into")
+    if stop.requested:  # it came during the final evaluation or save, which were finished first
+        print(f"stopped ({stop.requested}) after the final save")
         return 143 if stop.requested == "SIGTERM" else 130
-
-    val = trainer.evaluate()
-    log.add(step=trainer.step, split="val", loss=val, tokens=trainer.tokens, elapsed_s=round(trainer.elapsed, 3))
-    final = trainer.save()
-    if dist is not None:  # gathered; rank 0 writes it and keeps a one-process copy for the sample
-        model = dist.export_hf(model, run_dir)
-    else:  # the run directory itself is a loadable checkpoint
-        ckpt.publish_files(run_dir, model.save_pretrained, "the final model into")
     if not main:
         return 0
     plot_losses(run_dir, log.rows, run_dir / "loss.png")
