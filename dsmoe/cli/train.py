@@ -415,6 +415,9 @@ def _run(ns: argparse.Namespace, dist=None) -> int:
             raise CLIError(f"--out {ns.out} is inside the checkpoint {resume_ckpt} being resumed; "
                            "a checkpoint is never written into: choose another --out")
         in_place = resume_run is not None and (out is None or out.resolve() == resume_run.resolve())
+        if not in_place and out is not None and ns.overwrite and _inside(resume_ckpt, out):
+            raise CLIError(f"--overwrite of --out {ns.out} could delete the checkpoint {resume_ckpt} being resumed; "
+                           "choose another --out")
         if in_place:
             run_id = ckpt.check_same_run(resume_ckpt, saved[0], resume_run)
     if not in_place and out is not None:
