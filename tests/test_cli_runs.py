@@ -220,6 +220,22 @@ def test_two_processes_with_the_same_out_never_mix(corpus, tmp_path):
     assert [k[0] for k in _losses(out) if k[1] == "train"] == list(range(1, 31))
 
 
+def test_a_run_in_progress_cannot_be_resumed_or_overwritten_meanwhile(six, corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(six, run)
+    held = common.claim_run_dir(run, "train", existing=True)  # as a training process holds it
+    try:
+        before = _digest(run)
+        code = main(["train", "--resume", str(run), "--steps", "8"])
+        _one_line_error(capsys, code, str(run), "in use by another dsmoe process", f"pid {os.getpid()}")
+        code = main(["train", *BASE, "--data", str(corpus), "--out", str(run), "--overwrite", "--steps", "2"])
+        _one_line_error(capsys, code, "in use by another dsmoe process")
+        assert _digest(run) == before
+    finally:
+        held.release()
+    assert main(["train", "--resume", str(run), "--steps", "8", "--no-progress"]) == 0  # free again
+
+
 def test_keep_last_keeps_the_latest_checkpoints(corpus, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *BASE, "--data", str(corpus), "--out", str(run), "--steps", "8", "--save-every", "2",
