@@ -113,6 +113,11 @@ class BuildExt(cpp_extension.BuildExtension):
     meta: dict = {}
 
     def run(self):
+        # ninja prints a line per finished file only when asked (pip -v); say first what comes
+        n = sum(len(ext.sources) for ext in self.extensions)
+        kernels = "CPU and CUDA" if self.meta.get("cuda") else "CPU"
+        print(f"dsmoe: compiling {n} C++/CUDA sources ({kernels} kernels) with ninja; this takes minutes",
+              file=sys.stderr, flush=True)
         super().run()
         out_dir = Path(self.get_ext_fullpath("dsmoe._C")).parent
         (out_dir / "_build_meta.json").write_text(json.dumps(self.meta, indent=2) + "\n")

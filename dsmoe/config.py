@@ -144,8 +144,8 @@ class DeepSeekMoEConfig:
 
         def need_float(name: str, minimum: float, strict: bool = False) -> None:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-                raise ValueError(f"DeepSeekMoEConfig: {name} must be a number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"DeepSeekMoEConfig: {name} must be a finite number, got {value!r}")
             if value < minimum or (strict and value == minimum):
                 op = ">" if strict else ">="
                 raise ValueError(f"DeepSeekMoEConfig: {name} must be {op} {minimum}, got {value!r}")
@@ -367,13 +367,14 @@ _PRESETS: Dict[str, Dict[str, Any]] = {
         aux_loss_alpha=0.003, device_aux_loss_alpha=0.05, num_expert_devices=4,
         initializer_range=0.006, bos_token_id=100000, eos_token_id=100001,
     ),
-    # Byte-level demo model for `dsmoe train` on a 2-core CPU (vocab 256 bytes + specials).
+    # Byte-level demo model for `dsmoe train` on a 2-core CPU: the 256 bytes + <|bos|>, <|eos|>,
+    # <|pad|>, the vocabulary `dsmoe train` gives it (so its parameter count is the same everywhere).
     "small": dict(
-        vocab_size=384, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+        vocab_size=259, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
         n_shared_experts=1, n_routed_experts=16, num_experts_per_tok=4,
         first_k_dense_replace=1, moe_layer_freq=1, max_position_embeddings=1024,
-        aux_loss_alpha=0.001, initializer_range=0.02, bos_token_id=None, eos_token_id=None,
+        aux_loss_alpha=0.001, initializer_range=0.02, bos_token_id=256, eos_token_id=257,
     ),
     # Tests: every feature (dense first layer, GQA, shared + routed experts) at toy size.
     "tiny": dict(

@@ -37,14 +37,23 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(_fail(prefix + message))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or with ``only`` the options of that command alone: the others
+    are listed but not imported (importing a command imports torch, which takes seconds)."""
     parser = _Parser(prog="dsmoe", description="DeepSeekMoE on fast fine-grained MoE operators.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (help_text, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        _module(name).add_arguments(p)
+        if only is None or name == only:
+            _module(name).add_arguments(p)
     return parser
+
+
+def _command_in(argv: list[str]) -> str:
+    """The subcommand named in ``argv`` ("" if none): the top level has no option that takes a
+    value, so it is the first word that is not an option."""
+    return next((a for a in argv if not a.startswith("-")), "")
 
 
 def _fail(message: str) -> int:
@@ -56,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dsmoe` console script (and ``python -m dsmoe``); returns the exit
     status (0 ok, 2 user error, 130 interrupted)."""
     debug = os.environ.get("DSMOE_DEBUG", "") not in ("", "0")
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        parser = build_parser()
+        parser = build_parser(only=_command_in(argv))
         ns = parser.parse_args(argv)
         if ns.version:
             import dsmoe

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from .common import CLIError, format_table, pick_device, synchronize
+from .common import CLIError, check_seed, format_table, pick_device, synchronize
 
 # name: (tokens on CPU, tokens on GPU, hidden, moe_intermediate, routed experts, top-k, shared)
 SHAPES = {
@@ -99,6 +99,7 @@ def _time(fn, reps: int, warmup: int, device) -> float:
 
 
 def run(ns: argparse.Namespace) -> int:
+    check_seed("--seed", ns.seed)
     device = pick_device(ns.device)
     reps = ns.reps if ns.reps is not None else (20 if device.type == "cuda" else 5)
     if reps < 1 or ns.warmup < 0:

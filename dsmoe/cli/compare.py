@@ -9,10 +9,12 @@ import argparse
 from pathlib import Path
 
 from . import train
-from .common import CLIError, default_run_dir, format_table, prepare_run_dir, read_metrics, use_agg, write_json
+from .common import (CLIError, check_number, check_run_dir, check_seed, claim_run_dir, format_table, read_metrics,
+                     use_agg, write_json)
 from .models import compare_configs, parameter_counts
 
 VARIANTS = ("dense", "gshard", "deepseekmoe")
+OUTPUTS = (*VARIANTS, "configs", "compare.json", "loss_curves.png")  # what --overwrite replaces
 LABELS = {"dense": "Dense", "gshard": "GShard top-2", "deepseekmoe": "DeepSeekMoE"}
 
 
@@ -39,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--impl", choices=("dsmoe", "reference"), default="dsmoe")
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--out", metavar="DIR", help="output directory (default: runs/compare-<date>-<time>)")
-    g.add_argument("--overwrite", action="store_true")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out (its previous results are deleted)")
     g.add_argument("--no-progress", action="store_true")
 
 
@@ -86,13 +88,27 @@ def run(ns: argparse.Namespace) -> int:
     if ns.data is not None and not Path(ns.data).expanduser().exists():
         raise CLIError(f"--data: {ns.data} does not exist")
 
+    check_number("--lr", ns.lr, low_open=True)
+    check_seed("--seed", ns.seed)
+    for name in ("steps", "batch_size", "seq_len", "eval_batches"):
+        if getattr(ns, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(ns, name)}")
     counts = {}
     for name in ns.variants:
         try:
             counts[name] = parameter_counts(DeepSeekMoEConfig(**configs[name]))
         except (ValueError, TypeError) as e:
             raise CLIError(f"the {name} variant is not a valid config: {e}") from None
-    out_dir = prepare_run_dir(ns.out or default_run_dir("compare"), ns.overwrite, "output directory")
+    if ns.out:
+        check_run_dir(ns.out, ns.overwrite, "output directory")
+    claimed = claim_run_dir(ns.out, "compare", ns.overwrite, OUTPUTS, "output directory")
+    try:
+        return _compare(ns, configs, counts, claimed.path)
+    finally:
+        claimed.release()
+
+
+def _compare(ns: argparse.Namespace, configs: dict, counts: dict, out_dir: Path) -> int:
     (out_dir / "configs").mkdir(exist_ok=True)
     for name in ns.variants:
         write_json(out_dir / "configs" / f"{name}.json", configs[name])

@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .common import CLIError, check_run_dir, default_run_dir, format_table, pick_device, prepare_run_dir, use_agg, write_json
+from .common import CLIError, check_run_dir, claim_run_dir, format_table, pick_device, use_agg, write_json
 from .data import eval_batches, load_token_data, load_tokenizer
 from .models import disable_top_experts, load_model
 
 DEFAULT_RATIOS = (0.0, 1 / 16, 2 / 16, 3 / 16, 4 / 16)
+OUTPUTS = ("load_*.png", "load_*.csv", "ablation.png", "ablation.csv", "experts.json")  # what --overwrite replaces
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratios", type=float, nargs="+", default=None, metavar="R",
                    help="fractions of the routed experts to disable per token (default 0 1/16 1/8 3/16 1/4)")
     p.add_argument("--out", metavar="DIR", help="output directory (default: runs/experts-<date>-<time>)")
-    p.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out (its previous results are deleted)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N")
     p.add_argument("--impl", choices=("dsmoe", "reference"), default="dsmoe", help="MoE layer execution")
 
@@ -92,10 +94,19 @@ def plot_ablation(results: dict[str, list[dict]], path: Path) -> None:
 
 
 def _label(dirs: list[str]) -> list[str]:
-    names = [Path(d).resolve().name for d in dirs]
-    if len(set(names)) == len(names):
-        return names
-    return [str(Path(d)) for d in dirs]
+    """A distinct, file-name-safe label per --model folder (it names load_<label>.png): the
+    folder's name, or as many of its last path parts as tell the folders apart, joined by '_'
+    (e.g. x/a/model and x/b/model -> a_model, b_model); a folder given twice gets '_2'."""
+    parts = [Path(d).resolve().parts[1:] or ("root",) for d in dirs]
+    depth = 1
+    while depth < max(len(p) for p in parts) and len({p[-depth:] for p in parts}) < len({p for p in parts}):
+        depth += 1
+    labels, seen = [], {}
+    for p in parts:
+        label = re.sub(r"[^A-Za-z0-9._+-]+", "_", "_".join(p[-depth:])).strip("._") or "model"
+        seen[label] = seen.get(label, 0) + 1
+        labels.append(label if seen[label] == 1 else f"{label}_{seen[label]}")
+    return labels
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -106,6 +117,8 @@ def run(ns: argparse.Namespace) -> int:
     for r in ratios:
         if not 0 <= r < 1:
             raise CLIError(f"--ratios: each ratio must be in [0, 1), got {r}")
+    if ns.out:
+        check_run_dir(ns.out, ns.overwrite, "output directory")
     device = pick_device(ns.device)
     models = [(label, d, load_model(d, device, dtype=torch.float32, impl=ns.impl)) for label, d in zip(_label(ns.model), ns.model)]
     for label, d, m in models:
@@ -113,7 +126,6 @@ def run(ns: argparse.Namespace) -> int:
             raise CLIError(f"--model {d} has no MoE layers to analyse")
         if ns.seq_len > m.config.max_position_embeddings:
             raise CLIError(f"--seq-len {ns.seq_len} exceeds {d}'s max_position_embeddings {m.config.max_position_embeddings}")
-    out_dir = check_run_dir(ns.out or default_run_dir("experts"), ns.overwrite, "output directory")
 
     # tokenise once per distinct tokenizer, before anything is written
     data_cache: dict[tuple, list] = {}
@@ -130,8 +142,14 @@ def run(ns: argparse.Namespace) -> int:
             data_cache[key] = list(eval_batches(tokens, ns.batch_size, ns.seq_len, n_batches))
             print(f"data: {data.description}, {ns.split} split, {n_batches} batches of {ns.batch_size} x {ns.seq_len} tokens")
         batches_of[label] = data_cache[key]
-    prepare_run_dir(out_dir, overwrite=True, what="output directory")
+    claimed = claim_run_dir(ns.out, "experts", ns.overwrite, OUTPUTS, "output directory")
+    try:
+        return _analyse(ns, models, batches_of, ratios, device, claimed.path)
+    finally:
+        claimed.release()
 
+
+def _analyse(ns: argparse.Namespace, models: list, batches_of: dict, ratios, device, out_dir: Path) -> int:
     ablation: dict[str, list[dict]] = {}
     summary = {}
     for label, d, model in models:

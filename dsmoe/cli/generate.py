@@ -8,7 +8,7 @@ from typing import TextIO
 
 import torch
 
-from .common import CLIError, pick_device
+from .common import CLIError, check_number, check_seed, check_text, pick_device
 from .data import load_tokenizer
 from .models import load_model
 
@@ -82,12 +82,13 @@ def stream(model, tokenizer, prompt: str, max_new_tokens: int, temperature: floa
 def run(ns: argparse.Namespace) -> int:
     if ns.max_new_tokens < 0:
         raise CLIError(f"--max-new-tokens must be >= 0, got {ns.max_new_tokens}")
-    if ns.temperature < 0:
-        raise CLIError(f"--temperature must be >= 0, got {ns.temperature}")
+    check_number("--temperature", ns.temperature)
     if ns.top_k is not None and ns.top_k < 0:
         raise CLIError(f"--top-k must be >= 0, got {ns.top_k}")
-    if ns.top_p is not None and not 0 < ns.top_p <= 1:
-        raise CLIError(f"--top-p must be in (0, 1], got {ns.top_p}")
+    if ns.top_p is not None:
+        check_number("--top-p", ns.top_p, low=0.0, low_open=True, high=1.0)
+    check_seed("--seed", ns.seed)
+    check_text("--prompt", ns.prompt)
     device = pick_device(ns.device)
     model = load_model(ns.model, device, dtype=torch.bfloat16 if ns.bf16 else None, impl=ns.impl)
     cfg = model.config

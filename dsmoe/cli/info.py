@@ -36,6 +36,7 @@ def run(ns: argparse.Namespace) -> int:
     else:
         print("GPU: none visible")
     if ns.presets:
+        from .data import BYTE_VOCAB_SIZE
         from .models import make_config, parameter_counts, preset_names
 
         rows = []
@@ -47,6 +48,8 @@ def run(ns: argparse.Namespace) -> int:
             rows.append([name, cfg.num_hidden_layers, cfg.hidden_size, moe, _human(total), _human(active)])
         print()
         print(format_table(["preset", "layers", "hidden", "experts", "params", "activated"], rows))
+        print(f"(each with its own vocabulary; `dsmoe train` gives a preset the byte-level one of {BYTE_VOCAB_SIZE} "
+              "tokens, which `small` has)")
     sys.stdout.flush()
     return 0
 

@@ -22,11 +22,13 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from .common import (
     CLIError,
-    check_run_dir,
     MetricsLog,
-    default_run_dir,
+    check_number,
+    check_run_dir,
+    check_seed,
+    check_text,
+    claim_run_dir,
     pick_device,
-    prepare_run_dir,
     stderr_is_tty,
     synchronize,
     use_agg,
@@ -41,11 +43,18 @@ DEFAULTS = dict(
     preset="small", config=None, data=None, steps=300, batch_size=16, seq_len=128, lr=2e-3,
     warmup=None, min_lr=None, weight_decay=0.1, grad_clip=1.0, seed=0, bf16=False, compile=False,
     impl="dsmoe", eval_every=None, eval_batches=8, save_every=None, log_every=None,
-    sample_tokens=200, sample_prompt=None, device="auto",
+    sample_tokens=200, sample_prompt=None, device="auto", keep_last=None,
 )
 # What may differ between a run and its resumption (everything else would change the curve).
 RESUME_MAY_CHANGE = {"steps", "eval_every", "save_every", "log_every", "sample_tokens", "sample_prompt",
-                     "device", "eval_batches"}
+                     "device", "eval_batches", "keep_last"}
+# What a run writes into its directory: what --overwrite removes first, so nothing of the
+# replaced run (its checkpoints above all) can be mixed with the new one.
+RUN_OUTPUTS = ("config.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
+               "tokenizer.json", "train_args.json", "run.json", "log.csv", "log.jsonl", "loss.png", "checkpoints")
+# The run's final model and log: they belong to the branch that wrote them (see retire_later).
+FINAL_FILES = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json", "loss.png",
+               "log.csv", "log.jsonl")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,9 +78,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g.add_argument("--device", help="cpu, cuda, cuda:N (default: the GPU if there is one, else the CPU)")
     g = p.add_argument_group("run")
-    g.add_argument("--out", metavar="DIR", help="run directory (default: runs/train-<date>-<time>)")
-    g.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty --out")
-    g.add_argument("--resume", metavar="DIR", help="continue a run: its directory (latest checkpoint) or a checkpoint folder")
+    g.add_argument("--out", metavar="DIR", help="run directory (default: a new runs/train-<date>-<time>)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing, non-empty --out: the previous run's files and checkpoints are deleted")
+    g.add_argument("--resume", metavar="DIR",
+                   help="continue a run: its directory (latest checkpoint) or one of its checkpoints/step-N; a "
+                        "checkpoint outside a run directory continues into --out or a new run directory")
+    g.add_argument("--keep-last", type=int, metavar="N", help="keep only the N latest checkpoints (default: all)")
     g.add_argument("--eval-every", type=int, help="validate every N steps (default: 5 times per run; 0 = only at the end)")
     g.add_argument("--eval-batches", type=int, help=f"batches per validation (default {DEFAULTS['eval_batches']})")
     g.add_argument("--save-every", type=int, help="checkpoint every N steps (default: only at the end)")
@@ -113,11 +126,9 @@ def _resolve_args(ns: argparse.Namespace, saved: dict | None) -> dict:
         if a["config"] is not None and a["preset"] is not None:
             raise CLIError("--preset and --config exclude each other")
     for name in ("steps", "batch_size", "seq_len", "eval_batches"):
-        if not isinstance(a[name], int) or a[name] < 1:
+        if isinstance(a[name], bool) or not isinstance(a[name], int) or a[name] < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be a positive integer, got {a[name]}")
-    for name in ("lr",):
-        if not a[name] > 0 or not math.isfinite(a[name]):
-            raise CLIError(f"--lr must be a positive number, got {a[name]}")
+    check_number("--lr", a["lr"], low=0.0, low_open=True)
     if a["warmup"] is None:
         a["warmup"] = max(1, a["steps"] // 20) if a["steps"] > 1 else 0
     if a["min_lr"] is None:
@@ -126,13 +137,16 @@ def _resolve_args(ns: argparse.Namespace, saved: dict | None) -> dict:
         if a[name] < 0:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 0, got {a[name]}")
     for name in ("min_lr", "weight_decay", "grad_clip"):
-        if not a[name] >= 0 or not math.isfinite(a[name]):
-            raise CLIError(f"--{name.replace('_', '-')} must be a number >= 0, got {a[name]}")
+        check_number(f"--{name.replace('_', '-')}", a[name])
     if a["min_lr"] > a["lr"]:
         raise CLIError(f"--min-lr {a['min_lr']} must not exceed --lr {a['lr']}")
     for name in ("eval_every", "save_every", "log_every"):
         if a[name] is not None and a[name] < 0:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 0, got {a[name]}")
+    if a["keep_last"] is not None and a["keep_last"] < 1:
+        raise CLIError(f"--keep-last must be a positive integer, got {a['keep_last']}")
+    check_seed("--seed", a["seed"])
+    check_text("--sample-prompt", a["sample_prompt"])
     return a
 
 
@@ -144,11 +158,14 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, a: dict, run_dir: Path, resume_from: Path | None, progress: bool, saved=None, dist=None):
+    def __init__(self, a: dict, run_dir: Path | None, resume_from: Path | None, progress: bool, saved=None, dist=None):
         from dsmoe.distributed.cli import is_dcp_checkpoint
 
         self.a = a
-        self.run_dir = run_dir
+        self.run_dir = run_dir  # set once claimed (after everything is checked)
+        self.run_id: str | None = None
+        self.parent: dict | None = None  # the checkpoint the next one descends from
+        self.last_saved: int | None = None
         self.dist = dist  # a dsmoe.distributed.DistributedTraining under torchrun / --nproc, else None
         self.device = dist.device if dist is not None else pick_device(a["device"])
         self.tokenizer = ByteTokenizer()
@@ -214,6 +231,8 @@ class Trainer:
             except (ValueError, KeyError, RuntimeError) as e:
                 raise CLIError(f"checkpoint {resume_from}: bad optimizer state ({e})") from None
             self.step, self.tokens, self.elapsed = int(state["step"]), int(state["tokens"]), float(state["elapsed_s"])
+            self.parent = {"run_id": state.get("run_id"), "checkpoint_id": state.get("checkpoint_id"),
+                           "step": self.step, "path": str(Path(resume_from).resolve())}
             ckpt.restore_rng(rng)
         if dist is not None:  # expert parallelism + FSDP2; the optimizer moves to the shards
             self.model, self.optimizer = dist.wrap(self.model, self.optimizer)
@@ -277,41 +296,57 @@ class Trainer:
             return self.dist.mean(total / len(self.eval_data))
         return total / len(self.eval_data)
 
-    def save(self, path: Path | None = None) -> Path:
-        path = path or ckpt.step_dir(self.run_dir, self.step)
-        state = {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed, "args": self.a}
+    def save(self) -> Path:
+        """This step's checkpoint (once per step), recording the run and the checkpoint it
+        descends from; then ``--keep-last`` prunes the older ones."""
+        path = ckpt.step_dir(self.run_dir, self.step)
+        if self.last_saved == self.step:
+            return path
+        checkpoint_id = ckpt.new_id()
+        state = {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed, "args": self.a,
+                 "run_id": self.run_id, "checkpoint_id": checkpoint_id, "parent": self.parent}
         if self.dist is not None:  # sharded: a DCP checkpoint, every process writes its part
             from dsmoe.distributed.cli import extra_files
 
-            return self.dist.save(path, self.model, self.optimizer, {**state, "param_names": self.param_names},
-                                  extra_files(self.tokenizer, ckpt.rng_tensors))
-        return ckpt.save_checkpoint(path, self.model, self.optimizer, self.tokenizer, state, self.param_names)
+            self.dist.save(path, self.model, self.optimizer, {**state, "param_names": self.param_names},
+                           extra_files(self.tokenizer, ckpt.rng_tensors))
+        else:
+            ckpt.save_checkpoint(path, self.model, self.optimizer, self.tokenizer, state, self.param_names)
+        self.parent = {"run_id": self.run_id, "checkpoint_id": checkpoint_id, "step": self.step}
+        self.last_saved = self.step
+        if self.a["keep_last"] and (self.dist is None or self.dist.is_main):
+            ckpt.prune(self.run_dir, self.a["keep_last"], self.run_id)
+        return path
 
 
 class _Interrupt:
-    """First Ctrl-C: finish the current step, save, stop. Second: stop at once."""
+    """First Ctrl-C or SIGTERM (what schedulers, `timeout` and container stops send): finish
+    the current step, save, stop. Second: stop at once."""
+
+    SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
     def __init__(self):
-        self.requested = False
-        self._old = None
+        self.requested = None  # the name of the signal that asked to stop
+        self._old = {}
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave Ctrl-C alone
-            self._old = None
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave the signals alone
+                break
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to stop without saving)",
-              file=sys.stderr, flush=True)
+        self.requested = self.SIGNALS[signum]
+        print(f"\n{self.requested}: finishing this step and saving a checkpoint "
+              f"({self.requested} again to stop without saving)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
         return False
 
 
@@ -369,27 +404,72 @@ def _run(ns: argparse.Namespace, dist=None) -> int:
             saved = ckpt.load_training_state(resume_ckpt)
     a = _resolve_args(ns, saved[0]["args"] if saved else None)
 
-    same_dir = False
+    # where the run writes: decided and checked before any work, claimed after the model is built
+    out = Path(ns.out).expanduser() if ns.out else None
+    in_place = False
     if resume_ckpt is not None:
         start_step = int(saved[0]["step"])
         if start_step >= a["steps"]:
             raise CLIError(f"--resume: the checkpoint is at step {start_step}; nothing left to do for --steps {a['steps']}")
-        same_dir = not ns.out or Path(ns.out).resolve() == resume_run.resolve()
-        run_dir = resume_run if same_dir else check_run_dir(ns.out, ns.overwrite)
-    else:
-        default = default_run_dir("train") if dist is None else dist.broadcast(default_run_dir("train"))
-        run_dir = check_run_dir(ns.out or default, ns.overwrite)
+        if out is not None and _inside(out, resume_ckpt):
+            raise CLIError(f"--out {ns.out} is inside the checkpoint {resume_ckpt} being resumed; "
+                           "a checkpoint is never written into: choose another --out")
+        in_place = resume_run is not None and (out is None or out.resolve() == resume_run.resolve())
+        if not in_place and out is not None and ns.overwrite and _inside(resume_ckpt, out):
+            raise CLIError(f"--overwrite of --out {ns.out} could delete the checkpoint {resume_ckpt} being resumed; "
+                           "choose another --out")
+        if in_place:
+            run_id = ckpt.check_same_run(resume_ckpt, saved[0], resume_run)
+    if not in_place and out is not None:
+        check_run_dir(out, ns.overwrite)
 
     # config, data and model are checked before anything is written
-    trainer = Trainer(a, run_dir, resume_ckpt, progress=not ns.no_progress and stderr_is_tty() and main,
+    trainer = Trainer(a, None, resume_ckpt, progress=not ns.no_progress and stderr_is_tty() and main,
                       saved=saved, dist=dist)
     model, cfg = trainer.model, trainer.config
-    if main:
-        prepare_run_dir(run_dir, overwrite=True)
-        write_json(run_dir / "train_args.json", a)
-        cfg.save_pretrained(run_dir)
-        trainer.tokenizer.save(run_dir)
+    claimed = None
+    try:
+        if main:
+            if in_place:
+                claimed = claim_run_dir(resume_run, "train", existing=True)
+                run_dir = resume_run
+                for line in ckpt.clean_partial_saves(run_dir):
+                    print(f"{run_dir}: {line} (left by a save that was stopped)")
+                if ckpt.read_run(run_dir) is None:  # a run of a dsmoe without run ids: it gets one now
+                    run_id = run_id or ckpt.new_id()
+                    ckpt.write_run(run_dir, run_id, branched_from=None)
+                retired = ckpt.retire_later(run_dir, start_step, FINAL_FILES)
+                if retired is not None:
+                    print(f"resuming from step {start_step}: the later checkpoints of the abandoned branch "
+                          f"(and its final model and log) were moved to {retired}")
+            else:
+                claimed = claim_run_dir(out, "train", overwrite=ns.overwrite, outputs=RUN_OUTPUTS)
+                run_dir = claimed.path
+                run_id = ckpt.new_id()
+                ckpt.write_run(run_dir, run_id, branched_from=trainer.parent)
+                ckpt.publish_files(run_dir, lambda d: (cfg.save_pretrained(d), trainer.tokenizer.save(d)),
+                                   "the run's config")
+            write_json(run_dir / "train_args.json", a)  # on resume, with the new --steps etc.
+        if dist is not None:  # every process writes into rank 0's directory
+            where, run_id = dist.broadcast((str(run_dir), run_id) if main else None)
+            run_dir = Path(where)
+        trainer.run_dir, trainer.run_id = run_dir, run_id
+        return _train(ns, a, trainer, run_dir, resume_ckpt, in_place, main, dist)
+    finally:
+        if claimed is not None:
+            claimed.release()
 
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def _train(ns, a: dict, trainer: Trainer, run_dir: Path, resume_ckpt: Path | None, in_place: bool, main: bool,
+           dist) -> int:
+    from dsmoe.distributed import cli as dist_cli
+
+    model, cfg = trainer.model, trainer.config
     total, active = parameter_counts(cfg)
     moe = f"{cfg.n_shared_experts or 0} shared + {cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok})" \
         if cfg.n_routed_experts else "dense"
@@ -403,10 +483,11 @@ def _run(ns: argparse.Namespace, dist=None) -> int:
     if dist is not None:
         print(f"distributed: {dist.describe()}; --batch-size {a['batch_size']} is the global batch")
     if resume_ckpt is not None:
-        print(f"resuming from {resume_ckpt} at step {trainer.step}")
+        into = "" if in_place else " into this new run directory (the checkpoint is left as it is)"
+        print(f"resuming from {resume_ckpt} at step {trainer.step}{into}")
     sys.stdout.flush()
 
-    log = MetricsLog(run_dir, keep_until=trainer.step if same_dir else None) if main else dist_cli.NullLog()
+    log = MetricsLog(run_dir, keep_until=trainer.step if in_place else None) if main else dist_cli.NullLog()
     steps = a["steps"]
     eval_every = a["eval_every"] if a["eval_every"] is not None else max(1, steps // 5)
     save_every = a["save_every"] or 0
@@ -463,22 +544,25 @@ def _run(ns: argparse.Namespace, dist=None) -> int:
             if dist.should_stop(stop.requested) if dist is not None else stop.requested:
                 interrupted = True
                 break
-    if bar is not None:
-        bar.close()
+        if bar is not None:
+            bar.close()
 
-    if interrupted:
-        path = trainer.save()
-        print(f"interrupted at step {trainer.step}/{steps}; checkpoint saved to {path}")
-        print(f"continue with: dsmoe train --resume {run_dir}")
-        return 130
+        if interrupted:
+            path = trainer.save()
+            print(f"interrupted at step {trainer.step}/{steps} ({stop.requested}); checkpoint saved to {path}")
+            print(f"continue with: dsmoe train --resume {run_dir}")
+            return 143 if stop.requested == "SIGTERM" else 130
 
-    val = trainer.evaluate()
-    log.add(step=trainer.step, split="val", loss=val, tokens=trainer.tokens, elapsed_s=round(trainer.elapsed, 3))
-    final = trainer.save()
-    if dist is not None:  # gathered; rank 0 writes it and keeps a one-process copy for the sample
-        model = dist.export_hf(model, run_dir)
-    else:
-        model.save_pretrained(run_dir)  # the run directory itself is a loadable checkpoint
+        val = trainer.evaluate()
+        log.add(step=trainer.step, split="val", loss=val, tokens=trainer.tokens, elapsed_s=round(trainer.elapsed, 3))
+        final = trainer.save()
+        if dist is not None:  # gathered; rank 0 writes it and keeps a one-process copy for the sample
+            model = dist.export_hf(model, run_dir)
+        else:  # the run directory itself is a loadable checkpoint
+            ckpt.publish_files(run_dir, model.save_pretrained, "the final model into")
+    if stop.requested:  # it came during the final evaluation or save, which were finished first
+        print(f"stopped ({stop.requested}) after the final save")
+        return 143 if stop.requested == "SIGTERM" else 130
     if not main:
         return 0
     plot_losses(run_dir, log.rows, run_dir / "loss.png")
