@@ -31,6 +31,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/Context.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <dlfcn.h>
@@ -45,7 +46,8 @@
 namespace dsmoe {
 namespace {
 
-// Offsets must start at 0, never decrease and end at the row count; on CPU they are read.
+// Offsets must start at 0, never decrease and end at most at the row count (rows past
+// expert_offsets[-1] belong to no group: permute's dropped rows); on CPU they are read.
 std::vector<int64_t> read_offsets(const char* op, const at::Tensor& offsets, int64_t rows) {
   const auto off = offsets.contiguous();
   const int32_t* p = off.data_ptr<int32_t>();
@@ -58,8 +60,8 @@ std::vector<int64_t> read_offsets(const char* op, const at::Tensor& offsets, int
                 ": expert_offsets must be non-decreasing, got expert_offsets[", i, "]=", p[i],
                 " < expert_offsets[", i - 1, "]=", p[i - 1]);
   }
-  TORCH_CHECK(out[n - 1] == rows, "dsmoe.", op, ": expert_offsets[-1]=", out[n - 1],
-              " must equal the number of rows (", rows, ")");
+  TORCH_CHECK(out[n - 1] <= rows, "dsmoe.", op, ": expert_offsets[-1]=", out[n - 1],
+              " must not exceed the number of rows (", rows, ")");
   return out;
 }
 
@@ -99,6 +101,8 @@ using MkldnnMatmulFn = void (*)(const at::Tensor& mat1, const at::Tensor& mat2,
 MkldnnMatmulFn onednn_fp32_matmul() {
   static const MkldnnMatmulFn fn = []() -> MkldnnMatmulFn {
     if (std::string(cpu::fp32_blas_choice()) == "mkl" || !at::hasMKLDNN()) return nullptr;
+    // torch's mkldnn_matmul refuses CPUs without avx512bw/vl/dq (or avx_ne_convert): MKL there
+    if (at::get_cpu_capability() != "AVX512") return nullptr;
     // Already loaded (this extension links it); RTLD_NOLOAD only takes a handle.
     void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
     if (lib == nullptr) return nullptr;
@@ -272,6 +276,7 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b, const a
   const auto off = read_offsets("grouped_gemm", offsets, M);
   auto c = cpu::empty_cached({M, N}, a.options());
   if (M == 0 || N == 0) return c;
+  if (off.back() < M) c.narrow(0, off.back(), M - off.back()).zero_();  // rows of no group
   // On AVX512-BF16 CPUs without AMX, bf16 and fp32 run avx512_gemm.h's kernel (no shape
   // buckets needed: it has no per-shape cost). Chosen before any GEMM (see OwnKernels).
   const OwnKernels kernels(a.scalar_type());
