@@ -363,7 +363,10 @@ def test_non_gated_and_other_layouts_refused():
     module.has_gate, module.has_post_expert_norm = True, True
     with pytest.raises(ValueError, match="a norm after each expert"):
         model.set_experts_implementation("dsmoe")
-    module.has_post_expert_norm = False
+    module.has_post_expert_norm, module.num_experts = False, 7
+    with pytest.raises(ValueError, match=r"num_experts=7 equal to the experts in gate_up_proj \(8\)"):
+        model.set_experts_implementation("dsmoe")
+    module.num_experts = 8
     model.set_experts_implementation("dsmoe")  # every feature back: accepted
     module.has_bias = True
     with pytest.raises(ValueError, match="expert biases"):  # also refused at call time

@@ -75,6 +75,10 @@ def unsupported_features(module: nn.Module) -> list:
             missing.append(f"{name} as a stacked [num_experts, ., .] tensor (got {type(p).__name__})")
         elif p.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             missing.append(f"{name} of dtype {p.dtype} (dsmoe's GEMMs take fp32/bf16/fp16/fp64 weights)")
+    num_experts, weights = getattr(module, "num_experts", None), getattr(module, "gate_up_proj", None)
+    if isinstance(num_experts, int) and isinstance(weights, Tensor) and weights.dim() == 3 and weights.shape[0] != num_experts:
+        # ids >= the weights' expert count are dropped as sentinels: they must mean just that
+        missing.append(f"num_experts={num_experts} equal to the experts in gate_up_proj ({weights.shape[0]})")
     return missing
 
 
