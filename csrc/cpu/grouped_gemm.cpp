@@ -31,7 +31,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/Context.h>
-#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <dlfcn.h>
@@ -101,8 +100,6 @@ using MkldnnMatmulFn = void (*)(const at::Tensor& mat1, const at::Tensor& mat2,
 MkldnnMatmulFn onednn_fp32_matmul() {
   static const MkldnnMatmulFn fn = []() -> MkldnnMatmulFn {
     if (std::string(cpu::fp32_blas_choice()) == "mkl" || !at::hasMKLDNN()) return nullptr;
-    // torch's mkldnn_matmul refuses CPUs without avx512bw/vl/dq (or avx_ne_convert): MKL there
-    if (at::get_cpu_capability() != "AVX512") return nullptr;
     // Already loaded (this extension links it); RTLD_NOLOAD only takes a handle.
     void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
     if (lib == nullptr) return nullptr;
