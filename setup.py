@@ -133,5 +133,8 @@ setup(
     cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy", "safetensors", "tqdm", "matplotlib", "tokenizers"],
+    # dsmoe.hf: the "dsmoe" experts backend of transformers' MoE models (the registry API it uses
+    # is the one measured with 5.23); peft for LoRA fine-tuning of those models
+    extras_require={"hf": ["transformers>=5.23", "peft>=0.17"]},
     entry_points={"console_scripts": ["dsmoe=dsmoe.cli:main"]},
 )

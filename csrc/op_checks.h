@@ -69,7 +69,7 @@ inline void check_permute_args(const at::Tensor& x, const at::Tensor& expert_ids
   check_dim(op, "x", x, 2, "[num_tokens, hidden]");
   check_float(op, "x", x);
   check_dim(op, "expert_ids", expert_ids, 2, "[num_tokens, k]");
-  check_dtype(op, "expert_ids", expert_ids, {at::kInt});
+  check_dtype(op, "expert_ids", expert_ids, {at::kInt, at::kLong});
   check_size(op, "expert_ids", expert_ids, 0, x.size(0), "num_tokens of x");
   TORCH_CHECK(expert_ids.size(1) >= 1, "dsmoe.permute: expert_ids must have k >= 1 columns, got ",
               expert_ids.sizes());

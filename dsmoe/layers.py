@@ -303,6 +303,21 @@ class NoisyTopKRouter(TopKRouter):
 # ---------------------------------------------------------------- experts
 
 
+def routed_experts(
+    x: Tensor, weights: Tensor, expert_ids: Tensor, w_gate_up: Tensor, w_down: Tensor, trans_b: bool = True
+) -> Tensor:
+    """y[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) for SwiGLU experts on stacked weights,
+    as permute -> grouped GEMM -> SwiGLU -> grouped GEMM -> unpermute (no host sync): dsmoe's
+    RoutedExperts and the transformers experts backend (dsmoe.hf). ``w_gate_up`` [E, 2I, h] (gate
+    rows, then up rows) and ``w_down`` [E, h, I], or [E, h, 2I] and [E, I, h] with
+    ``trans_b=False``. ``expert_ids`` int32 or int64; ids >= E contribute zero at no compute."""
+    x, w_gate_up, w_down = _in_autocast_dtype(x, w_gate_up, w_down)
+    x_perm, row_map, offsets = ops.permute(x, expert_ids, w_gate_up.shape[0])
+    hidden = ops.swiglu(ops.grouped_gemm(x_perm, w_gate_up, offsets, trans_b=trans_b))
+    y_perm = ops.grouped_gemm(hidden, w_down, offsets, trans_b=trans_b)
+    return ops.unpermute(y_perm, row_map, weights)
+
+
 class RoutedExperts(nn.Module):
     """E SwiGLU experts with stacked weights: w_gate_up [E, 2I, h] (gate rows, then up rows) and
     w_down [E, h, I]. ``forward(x, weights, expert_ids)`` returns
@@ -359,11 +374,7 @@ class RoutedExperts(nn.Module):
             if self.training:
                 return reference.moe_forward_train(x, ids, w, self.w_gate_up, self.w_down)
             return reference.moe_infer(x, ids, w, self.w_gate_up, self.w_down)
-        x, w_gate_up, w_down = _in_autocast_dtype(x, self.w_gate_up, self.w_down)
-        x_perm, row_map, offsets = ops.permute(x, expert_ids, self.num_experts)
-        hidden = ops.swiglu(ops.grouped_gemm(x_perm, w_gate_up, offsets, trans_b=True))
-        y_perm = ops.grouped_gemm(hidden, w_down, offsets, trans_b=True)
-        return ops.unpermute(y_perm, row_map, weights)
+        return routed_experts(x, weights, expert_ids, self.w_gate_up, self.w_down)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}"
@@ -510,6 +521,7 @@ __all__ = [
     "TopKRouter",
     "NoisyTopKRouter",
     "RoutedExperts",
+    "routed_experts",
     "Expert",
     "SharedExpert",
     "ExpertGroup",

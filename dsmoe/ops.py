@@ -55,7 +55,11 @@ def gate(
 
 def permute(x: Tensor, expert_ids: Tensor, num_experts: int) -> PermuteOutput:
     """Copies each token row of ``x`` [T, h] once per chosen expert, grouped by expert (stable:
-    token order within an expert). Differentiable in ``x``."""
+    token order within an expert). ``expert_ids`` [T, k] is int32 or int64 (read as given, no
+    cast). Ids >= ``num_experts`` (expert-parallel sentinels: rows another rank owns) are dropped:
+    their rows are zeros after ``expert_offsets[E]``, in no group, so no grouped GEMM computes
+    them and they contribute zero through unpermute; negative ids are an error. Differentiable
+    in ``x``."""
     return PermuteOutput(*_ops.permute(x, expert_ids, num_experts))
 
 
@@ -67,13 +71,14 @@ def unpermute(y_perm: Tensor, row_map: Tensor, weights: Tensor) -> Tensor:
 
 def grouped_gemm(a: Tensor, b: Tensor, expert_offsets: Tensor, trans_b: bool = False) -> Tensor:
     """c[g] = a[g] @ b[e] for the rows g of each expert e; ``b`` is [E, K, N], or [E, N, K]
-    (stacked nn.Linear weights) with ``trans_b``. Differentiable in ``a`` and ``b``."""
+    (stacked nn.Linear weights) with ``trans_b``. Rows past ``expert_offsets[-1]`` (permute's
+    dropped rows) belong to no expert: zeros in ``c``. Differentiable in ``a`` and ``b``."""
     return _ops.grouped_gemm(a, b, expert_offsets, trans_b)
 
 
 def grouped_gemm_wgrad(a: Tensor, grad_c: Tensor, expert_offsets: Tensor, trans_b: bool = False) -> Tensor:
     """Per-expert a[g]^T @ grad_c[g] ([E, K, N]; [E, N, K] with ``trans_b``), zeros for empty
-    experts: the weight gradient of :func:`grouped_gemm`."""
+    experts, rows past ``expert_offsets[-1]`` unread: the weight gradient of :func:`grouped_gemm`."""
     return _ops.grouped_gemm_wgrad(a, grad_c, expert_offsets, trans_b)
 
 
@@ -235,7 +240,7 @@ def _permute_fake(x, expert_ids, num_experts):
     _check_dim(op, "x", x, 2, "[num_tokens, hidden]")
     _check_float(op, "x", x)
     _check_dim(op, "expert_ids", expert_ids, 2, "[num_tokens, k]")
-    _check_dtype(op, "expert_ids", expert_ids, (torch.int32,))
+    _check_dtype(op, "expert_ids", expert_ids, (torch.int32, torch.int64))
     _check_size(op, "expert_ids", expert_ids, 0, x.shape[0], "num_tokens of x")
     torch._check(
         expert_ids.shape[1] >= 1,

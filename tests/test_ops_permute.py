@@ -161,8 +161,8 @@ def test_permute_bad_args(check_device):
         ops.permute(x.to(torch.int32), ids, 3)
     with pytest.raises(RuntimeError, match="x must be 2-D"):
         ops.permute(x[0], ids, 3)
-    with pytest.raises(RuntimeError, match="expert_ids must have dtype Int, got Long"):
-        ops.permute(x, ids.long(), 3)
+    with pytest.raises(RuntimeError, match=r"expert_ids must have dtype Int\|Long, got Short"):
+        ops.permute(x, ids.short(), 3)
     with pytest.raises(RuntimeError, match="expert_ids must be 2-D"):
         ops.permute(x, ids[:, 0], 3)
     with pytest.raises(RuntimeError, match=r"expert_ids.size\(0\) must be 6 \(num_tokens of x\)"):
@@ -173,15 +173,76 @@ def test_permute_bad_args(check_device):
         ops.permute(x, ids, 0)
 
 
-def test_permute_bad_values():
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64], ids=str)
+def test_permute_bad_values(id_dtype):
     x = torch.randn(6, 4)
-    ids = torch.zeros(6, 2, dtype=torch.int32)
-    ids[3, 1] = 3
-    with pytest.raises(RuntimeError, match=r"expert_ids\[3,1\]=3 is outside \[0, num_experts=3\)"):
-        ops.permute(x, ids, 3)
+    ids = torch.zeros(6, 2, dtype=id_dtype)
     ids[3, 1] = -1
-    with pytest.raises(RuntimeError, match=r"expert_ids\[3,1\]=-1 is outside"):
+    with pytest.raises(RuntimeError, match=r"expert_ids\[3,1\]=-1 is negative"):
         ops.permute(x, ids, 3)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_sid)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_permute_int64_ids(device, shape, dtype):
+    """int64 ids (transformers' routers) give exactly what their int32 copy gives, forward and
+    backward."""
+    T, h, E, k, mode = shape
+    x = torch.randn(T, h, dtype=dtype, device=device, requires_grad=True)
+    ids = routing(T, k, E, device, mode)
+    out32 = ops.permute(x, ids, E)
+    out64 = ops.permute(x, ids.long(), E)
+    for a, b in zip(out32, out64):
+        assert a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())
+    g = torch.randn(T * k, h, dtype=dtype, device=device)
+    (g32,) = torch.autograd.grad(out32.x_perm, x, g)
+    (g64,) = torch.autograd.grad(out64.x_perm, x, g)
+    assert torch.equal(g32, g64)
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64], ids=str)
+def test_permute_drops_sentinel_ids(device, id_dtype):
+    """Ids >= num_experts (expert-parallel sentinels): zero rows after expert_offsets[E], which the
+    grouped GEMMs skip, so they add zero to unpermute's sum and its gradients; the kept rows are
+    permute of the kept ids."""
+    T, h, E, k = 40, 12, 5, 3
+    x = torch.randn(T, h, device=device, requires_grad=True)
+    ids = routing(T, k, E + 3, device, "uniform").to(id_dtype)  # ids 5..7 are sentinels
+    sentinel = ids >= E
+    kept = int((~sentinel).sum())
+    assert 0 < kept < T * k
+    x_perm, row_map, offsets = ops.permute(x, ids, E)
+    assert int(offsets[-1]) == kept
+    rows = row_map.long().cpu()
+    assert torch.equal(torch.sort(rows).values, torch.arange(T * k))  # still a permutation
+    assert bool((rows[sentinel.flatten().cpu()] >= kept).all())
+    assert torch.equal(x_perm[kept:].cpu(), torch.zeros(T * k - kept, h))
+    # kept rows: as the reference permute of the kept ids (ranks by expert, token order kept)
+    token = torch.arange(T).repeat_interleave(k)
+    flat = ids.flatten().long().cpu()
+    order = sorted(range(T * k), key=lambda f: (int(flat[f]), f))
+    kept_order = [f for f in order if flat[f] < E]
+    assert torch.equal(x_perm[:kept].detach().cpu(), x.detach().cpu()[token[kept_order]])
+    assert torch.equal(rows[kept_order], torch.arange(kept))
+    # the experts pipeline: sentinels contribute nothing, to the output or to any gradient
+    w_up = torch.randn(E, 8, h, device=device, requires_grad=True)
+    w_down = torch.randn(E, h, 4, device=device, requires_grad=True)
+    weights = torch.rand(T, k, device=device, requires_grad=True)
+    hidden = ops.swiglu(ops.grouped_gemm(x_perm, w_up, offsets, trans_b=True))
+    y = ops.unpermute(ops.grouped_gemm(hidden, w_down, offsets, trans_b=True), row_map, weights)
+    xs, ws = x.detach().double(), weights.detach().double()
+    expected = torch.zeros(T, h, dtype=torch.float64, device=device)
+    for t in range(T):
+        for j in range(k):
+            e = int(ids[t, j])
+            if e < E:
+                gu = w_up[e].detach().double() @ xs[t]
+                act = torch.nn.functional.silu(gu[:4]) * gu[4:]
+                expected[t] += ws[t, j] * (w_down[e].detach().double() @ act)
+    assert_close(y, expected.float(), torch.float32, scale=4.0)
+    y.sum().backward()
+    assert torch.equal(weights.grad[sentinel], torch.zeros(int(sentinel.sum()), device=device))
+    assert bool(torch.isfinite(x.grad).all() and torch.isfinite(w_up.grad).all())
 
 
 def test_permute_device_mismatch(device):

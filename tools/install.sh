@@ -16,9 +16,9 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
 "$PY" -m pip install -q numpy ninja pybind11 safetensors tokenizers tqdm matplotlib pytest expecttest setuptools wheel
-# optional: the transformers face of the model and what the tests run on it (PEFT, accelerate,
-# lm-evaluation-harness: about a minute from wheels)
-"$PY" -m pip install -q "transformers>=5.23,<6" peft accelerate lm-eval
+# the optional [hf] extra and what the tests run on it: transformers' MoE models and dsmoe's
+# transformers face, PEFT, accelerate, lm-evaluation-harness (about a minute from wheels)
+"$PY" -m pip install -q "transformers>=5.23,<6" "peft>=0.17" accelerate lm-eval
 # cmake >= 3.25 for the C++ benchmark binaries (tests/test_cmake_build.py)
 if ! cmake --version 2>/dev/null | awk 'NR==1{split($3,v,"."); exit !(v[1]>3 || (v[1]==3 && v[2]>=25))}'; then
   "$PY" -m pip install -q "cmake>=3.25"

@@ -99,6 +99,9 @@ const Avx512Gemm<float>* fp32_gemm_kernel() {
   return chosen;
 }
 
-const char* fp32_blas_choice() { return fp32_choice() == "mkl" ? "mkl" : "onednn"; }
+// torch's mkldnn_matmul (the oneDNN fp32 path) refuses CPUs without avx512bw/vl/dq: MKL there.
+const char* fp32_blas_choice() {
+  return fp32_choice() == "mkl" || at::get_cpu_capability() != "AVX512" ? "mkl" : "onednn";
+}
 
 }  // namespace dsmoe::cpu

@@ -45,7 +45,8 @@
 namespace dsmoe {
 namespace {
 
-// Offsets must start at 0, never decrease and end at the row count; on CPU they are read.
+// Offsets must start at 0, never decrease and end at most at the row count (rows past
+// expert_offsets[-1] belong to no group: permute's dropped rows); on CPU they are read.
 std::vector<int64_t> read_offsets(const char* op, const at::Tensor& offsets, int64_t rows) {
   const auto off = offsets.contiguous();
   const int32_t* p = off.data_ptr<int32_t>();
@@ -58,8 +59,8 @@ std::vector<int64_t> read_offsets(const char* op, const at::Tensor& offsets, int
                 ": expert_offsets must be non-decreasing, got expert_offsets[", i, "]=", p[i],
                 " < expert_offsets[", i - 1, "]=", p[i - 1]);
   }
-  TORCH_CHECK(out[n - 1] == rows, "dsmoe.", op, ": expert_offsets[-1]=", out[n - 1],
-              " must equal the number of rows (", rows, ")");
+  TORCH_CHECK(out[n - 1] <= rows, "dsmoe.", op, ": expert_offsets[-1]=", out[n - 1],
+              " must not exceed the number of rows (", rows, ")");
   return out;
 }
 
@@ -272,6 +273,7 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b, const a
   const auto off = read_offsets("grouped_gemm", offsets, M);
   auto c = cpu::empty_cached({M, N}, a.options());
   if (M == 0 || N == 0) return c;
+  if (off.back() < M) c.narrow(0, off.back(), M - off.back()).zero_();  // rows of no group
   // On AVX512-BF16 CPUs without AMX, bf16 and fp32 run avx512_gemm.h's kernel (no shape
   // buckets needed: it has no per-shape cost). Chosen before any GEMM (see OwnKernels).
   const OwnKernels kernels(a.scalar_type());

@@ -2,7 +2,7 @@
 //
 // permute: one sequential pass counts rows per expert (and validates ids), an exclusive scan
 // gives expert_offsets, a second pass hands out rows in token order (stable), then the rows are
-// copied in parallel. Every destination row is written exactly once: deterministic, no atomics.
+// copied in parallel. Ids >= num_experts are dropped (zero rows after expert_offsets[E]). Every destination row is written exactly once: deterministic, no atomics.
 // unpermute and permute_backward are the same weighted gather (weights = 1 for the latter):
 // out[t] = sum_j w[t,j] * src[row_map[t*k+j]], accumulated in fp32 (fp64 for fp64) in slot order.
 // The row loops of fp32/bf16/fp16 are the at::vec kernels of vec_kernels.h; fp64 runs the scalar
@@ -69,6 +69,28 @@ void gather_sum_rows(const scalar_t* src, const int32_t* row_map, const at::opma
   });
 }
 
+// Hands out the rows of x_perm in token order within each expert (stable). Ids >= num_experts
+// (transformers' expert-parallel sentinels: rows another rank owns) are dropped: their rows come
+// after expert_offsets[E], past every group, so no GEMM computes them. Negative ids are an error.
+template <typename id_t>
+int64_t assign_rows(const id_t* ids, int64_t M, int64_t k, int64_t E, int32_t* row_map,
+                    int32_t* offsets) {
+  std::vector<int64_t> cursor(static_cast<size_t>(E + 2), 0);
+  for (int64_t f = 0; f < M; ++f) {
+    const id_t e = ids[f];
+    TORCH_CHECK(e >= 0, "dsmoe.permute: expert_ids[", f / k, ",", f % k, "]=", e,
+                " is negative (ids >= num_experts=", E, " are dropped, negative ones are invalid)");
+    cursor[(e < E ? static_cast<int64_t>(e) : E) + 1] += 1;
+  }
+  for (int64_t e = 0; e <= E; ++e) cursor[e + 1] += cursor[e];
+  for (int64_t e = 0; e <= E; ++e) offsets[e] = static_cast<int32_t>(cursor[e]);
+  for (int64_t f = 0; f < M; ++f) {
+    const int64_t e = ids[f] < E ? static_cast<int64_t>(ids[f]) : E;
+    row_map[f] = static_cast<int32_t>(cursor[e]++);
+  }
+  return offsets[E];
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& x_in,
                                                            const at::Tensor& ids_in,
                                                            int64_t num_experts) {
@@ -77,22 +99,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& x_i
   const auto ids = ids_in.contiguous();
   const int64_t T = x.size(0), h = x.size(1), k = ids.size(1), M = T * k, E = num_experts;
   auto x_perm = cpu::empty_cached({M, h}, x.options());
-  auto row_map = at::empty({M}, ids.options());
-  auto offsets = at::empty({E + 1}, ids.options());
-  const int32_t* id_p = ids.data_ptr<int32_t>();
+  const auto int_options = ids.options().dtype(at::kInt);
+  auto row_map = at::empty({M}, int_options);
+  auto offsets = at::empty({E + 1}, int_options);
   int32_t* map_p = row_map.data_ptr<int32_t>();
-  int32_t* off_p = offsets.data_ptr<int32_t>();
-
-  std::vector<int64_t> cursor(static_cast<size_t>(E + 1), 0);
-  for (int64_t f = 0; f < M; ++f) {
-    const int32_t e = id_p[f];
-    TORCH_CHECK(e >= 0 && e < E, "dsmoe.permute: expert_ids[", f / k, ",", f % k, "]=", e,
-                " is outside [0, num_experts=", E, ")");
-    cursor[e + 1] += 1;
-  }
-  for (int64_t e = 0; e < E; ++e) cursor[e + 1] += cursor[e];
-  for (int64_t e = 0; e <= E; ++e) off_p[e] = static_cast<int32_t>(cursor[e]);
-  for (int64_t f = 0; f < M; ++f) map_p[f] = static_cast<int32_t>(cursor[id_p[f]]++);
+  // int64 ids (what transformers' routers give) are read as they are: no cast pass
+  const int64_t kept = ids.scalar_type() == at::kLong
+                           ? assign_rows(ids.data_ptr<int64_t>(), M, k, E, map_p, offsets.data_ptr<int32_t>())
+                           : assign_rows(ids.data_ptr<int32_t>(), M, k, E, map_p, offsets.data_ptr<int32_t>());
 
   if (M > 0 && h > 0) {
     const int64_t row_bytes = h * static_cast<int64_t>(x.element_size());
@@ -100,7 +114,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& x_i
     char* dst = static_cast<char*>(x_perm.data_ptr());
     at::parallel_for(0, M, kRowGrain * 4, [&](int64_t begin, int64_t end) {
       for (int64_t f = begin; f < end; ++f) {
-        std::memcpy(dst + map_p[f] * row_bytes, src + (f / k) * row_bytes, row_bytes);
+        if (map_p[f] >= kept) {  // a dropped row: zeros, never read by a GEMM
+          std::memset(dst + map_p[f] * row_bytes, 0, row_bytes);
+        } else {
+          std::memcpy(dst + map_p[f] * row_bytes, src + (f / k) * row_bytes, row_bytes);
+        }
       }
     });
   }
