@@ -302,6 +302,25 @@ def test_permute_out_of_range_ids_go_last(kern, M_tokens):
     assert torch.equal(x_perm[row_map.long()], x.repeat_interleave(k, 0))
 
 
+@pytest.mark.parametrize("T", [300, 5000])  # single-kernel and multi-tile routing
+def test_permute_int64_ids_as_int32(kern, T):
+    # transformers' routers give int64 ids, read as given; ids >= E (expert-parallel sentinels)
+    # go after the last expert, as with int32 ids; row_map and offsets stay int32.
+    h, E, k = 16, 10, 3
+    ids = routing(T, k, E, "cpu")
+    ids[torch.rand(T, k) < 0.1] = E + 3
+    x = torch.randn(T, h)
+    got64 = kern.run("permute", x, ids.long(), E)
+    got32 = kern.run("permute", x, ids, E)
+    for name, a, b in zip(("x_perm", "row_map", "expert_offsets"), got64, got32):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert got64[1].dtype == torch.int32 and got64[2].dtype == torch.int32
+    cpu = ops.permute(x, ids.long(), E)  # the CPU drops them the same way
+    assert torch.equal(cpu.row_map, got64[1]) and torch.equal(cpu.expert_offsets, got64[2])
+    kept = int(cpu.expert_offsets[E])
+    assert torch.equal(cpu.x_perm[:kept], got64[0][:kept])
+
+
 def test_permute_cuda_expert_limit(kern):
     x = torch.randn(4, 8, device=kern.device)
     ids = torch.zeros(4, 2, dtype=torch.int32, device=kern.device)

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
+from ..fileio import fsync_dir, fsync_tree, write_bytes_atomic  # noqa: F401  (the CLI uses them from here)
+
 if TYPE_CHECKING:
     import torch
 
@@ -166,52 +168,6 @@ def _lock(path: Path, what: str) -> int | None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
-
-
-def fsync_dir(path: Path) -> None:
-    """Makes a rename or a new file in ``path`` durable (a no-op where directories cannot be
-    opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(path: Path) -> None:
-    """fsyncs every file under ``path`` and the folders themselves (before a rename publishes
-    them), whoever wrote them."""
-    for p in sorted(Path(path).rglob("*"), reverse=True):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        elif p.is_dir():
-            fsync_dir(p)
-    fsync_dir(path)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Writes ``path`` as a whole or not at all: a temporary file beside it, fsync, rename,
-    fsync of the folder. A failure removes the temporary file."""
-    import uuid
-
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def write_json(path: Path, obj) -> None:

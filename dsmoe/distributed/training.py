@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..fileio import fsync_dir, fsync_tree
 from . import checkpoint as dcp_ckpt
 from .fsdp import clip_grad_norm_, full_state_dict, unwrapped_copy, wrap_model
 from .mesh import DistContext, check_experts_fit, setup_from_env, shutdown
@@ -144,7 +145,10 @@ class DistributedTraining:
     def save(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: Dict[str, Any],
              extra_files=None) -> Path:
         """A DCP checkpoint of model and optimizer in ``path`` plus ``trainer_state.json``
-        (``state``, written by rank 0), built in ``<path>.tmp`` and renamed when complete.
+        (``state``, written by rank 0), built in ``<path>.tmp``, fsynced and renamed when
+        complete; a checkpoint already at ``path`` is moved aside first and removed only after
+        the new one is in place: a crash leaves a complete checkpoint at ``path`` (or, in the
+        instant between the two renames, at ``<path>.old``), never a half-written one.
         ``extra_files(dir)``, if given, runs on rank 0 to add files (tokenizer, RNG state)."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
@@ -152,13 +156,21 @@ class DistributedTraining:
             shutil.rmtree(tmp)
         dist.barrier()
         dcp_ckpt.save(tmp, model, optimizer, extra={"step": state.get("step")})
+        dist.barrier()  # every rank's shards are written
         if self.is_main:
             (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
             if extra_files is not None:
                 extra_files(tmp)
+            fsync_tree(tmp)
+            old = path.with_name(path.name + ".old")
             if path.exists():
-                shutil.rmtree(path)
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(path, old)
             os.replace(tmp, path)
+            fsync_dir(path.parent)
+            if old.exists():
+                shutil.rmtree(old)
         dist.barrier()
         return path
 
