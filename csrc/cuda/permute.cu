@@ -14,10 +14,12 @@
 //      scanned across warps in warp order, so rows follow entry order: stable within an expert.
 //   When the whole table fits one tile (M <= 512 entries per warp, decode sizes), one kernel does
 //   1-3 in shared memory. row_map is always a permutation of [0, M): ids outside [0, E) land
-//   after the last expert (expert_offsets[E] = number of valid entries; the CPU kernel raises
-//   instead, which would need a device-to-host copy here).
+//   after the last expert (expert_offsets[E] = number of valid entries). Ids >= E are dropped as
+//   on the CPU (transformers' expert-parallel sentinels); negative ids too (the CPU kernel
+//   raises on those, which would need a device-to-host copy here).
 //   4. copy: one thread per 16-byte unit (or the widest unit the row size and alignment allow)
-//      of a token row reads it once and writes its k copies.
+//      of a token row reads it once and writes its k copies; the rows of dropped entries get
+//      zeros, as on the CPU.
 // unpermute / permute_backward: out[t] = sum_j w[t,j] * src[row_map[t*k+j]], a gather in slot
 // order with fp32 accumulation (fp64 for fp64) by one thread per VEC columns of a token row;
 // deterministic, no atomics. VEC is 16 bytes when the row width and the pointers allow, else 1.
@@ -179,19 +181,24 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// x_perm[row_map[t*k+j]] = x[t] for every j, in units of U (16 bytes when possible).
+// x_perm[row_map[t*k+j]] = x[t] for every j, in units of U (16 bytes when possible); rows from
+// expert_offsets[E] on (ids outside [0, E): dropped) get zeros, as on the CPU.
 template <typename U>
 __global__ void __launch_bounds__(kThreads)
     permute_copy_kernel(const U* __restrict__ x,              // [T, units]
                         const int32_t* __restrict__ row_map,  // [T*k]
+                        const int32_t* __restrict__ offsets,  // [E+1]
                         U* __restrict__ x_perm,               // [T*k, units]
-                        int64_t T, int k, int64_t units) {
+                        int64_t T, int k, int64_t units, int E) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= T * units) return;
   const int64_t t = i / units, c = i - t * units;
   const U v = x[i];
+  U zero;
+  memset(&zero, 0, sizeof(U));
+  const int32_t kept = offsets[E];
   const int32_t* rows = row_map + t * k;
-  for (int j = 0; j < k; ++j) x_perm[static_cast<int64_t>(rows[j]) * units + c] = v;
+  for (int j = 0; j < k; ++j) x_perm[static_cast<int64_t>(rows[j]) * units + c] = rows[j] < kept ? v : zero;
 }
 
 // out[t] = sum_j (w ? w[t*k+j] : 1) * src[row_map[t*k+j]], VEC columns per thread.
@@ -379,18 +386,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cuda(const at::Tensor& x_
     const int kk = static_cast<int>(k);
     switch (unit) {
       case 16:
-        DSMOE_LAUNCH(permute_copy_kernel<uint4>, grid, kThreads, 0, stream, static_cast<const uint4*>(x.data_ptr()), map_p, static_cast<uint4*>(x_perm.data_ptr()), T, kk, units);
+        DSMOE_LAUNCH(permute_copy_kernel<uint4>, grid, kThreads, 0, stream, static_cast<const uint4*>(x.data_ptr()), map_p, offsets.data_ptr<int32_t>(), static_cast<uint4*>(x_perm.data_ptr()), T, kk, units, static_cast<int>(E));
         break;
       case 8:
-        DSMOE_LAUNCH(permute_copy_kernel<uint2>, grid, kThreads, 0, stream, static_cast<const uint2*>(x.data_ptr()), map_p, static_cast<uint2*>(x_perm.data_ptr()), T, kk, units);
+        DSMOE_LAUNCH(permute_copy_kernel<uint2>, grid, kThreads, 0, stream, static_cast<const uint2*>(x.data_ptr()), map_p, offsets.data_ptr<int32_t>(), static_cast<uint2*>(x_perm.data_ptr()), T, kk, units, static_cast<int>(E));
         break;
       case 4:
-        DSMOE_LAUNCH(permute_copy_kernel<uint32_t>, grid, kThreads, 0, stream, static_cast<const uint32_t*>(x.data_ptr()), map_p, static_cast<uint32_t*>(x_perm.data_ptr()), T, kk,
-            units);
+        DSMOE_LAUNCH(permute_copy_kernel<uint32_t>, grid, kThreads, 0, stream, static_cast<const uint32_t*>(x.data_ptr()), map_p, offsets.data_ptr<int32_t>(), static_cast<uint32_t*>(x_perm.data_ptr()), T, kk,
+            units, static_cast<int>(E));
         break;
       default:
-        DSMOE_LAUNCH(permute_copy_kernel<uint16_t>, grid, kThreads, 0, stream, static_cast<const uint16_t*>(x.data_ptr()), map_p, static_cast<uint16_t*>(x_perm.data_ptr()), T, kk,
-            units);
+        DSMOE_LAUNCH(permute_copy_kernel<uint16_t>, grid, kThreads, 0, stream, static_cast<const uint16_t*>(x.data_ptr()), map_p, offsets.data_ptr<int32_t>(), static_cast<uint16_t*>(x_perm.data_ptr()), T, kk,
+            units, static_cast<int>(E));
         break;
     }
   }
