@@ -57,6 +57,24 @@ TOL = {
 }
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of toy-sized CLI runs: OpenMP stalls on a shared 2-core
+    machine otherwise. Modules opt in with pytestmark = pytest.mark.usefixtures(...)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small, learnable text file (a repeated pattern with some variation) for CLI runs."""
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text("".join(f"def f{i % 7}(x):\n    return x * {i % 5} + {i % 3}\n" for i in range(400)))
+    return path
+
+
 def assert_close(actual, expected, dtype=None, scale: float = 1.0, msg: str = ""):
     """assert_close with the tolerance of ``dtype`` (default: ``expected``'s), atol times
     ``scale`` (the magnitude of the values compared)."""

@@ -15,25 +15,8 @@ import torch
 from dsmoe.cli import main
 from dsmoe.cli import train as train_mod
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TINY = ["--preset", "tiny", "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2", "--eval-batches", "2", "--no-progress"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # toy sizes: one thread avoids OpenMP stalls on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """A small, learnable text file (a repeated pattern with some variation)."""
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    lines = [f"def f{i % 7}(x):\n    return x * {i % 5} + {i % 3}\n" for i in range(400)]
-    path.write_text("".join(lines))
-    return path
 
 
 def _train(out: Path, corpus: Path, *extra: str) -> int:

@@ -19,27 +19,13 @@ from safetensors.torch import load_file
 from dsmoe.cli import checkpoint as ckpt_mod
 from dsmoe.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BASE = ["--preset", "tiny", "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2", "--eval-batches", "1",
         "--no-progress", "--sample-tokens", "0"]
 TINY = [*BASE, "--steps", "4", "--save-every", "2"]
 RUNNER = Path(__file__).with_name("fault_runner.py")
 CKPT_FILES = {"config.json", "model.safetensors", "optimizer.safetensors", "rng.safetensors", "tokenizer.json",
               "trainer_state.json"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text("".join(f"def f{i % 7}(x):\n    return x * {i % 5} + {i % 3}\n" for i in range(400)))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -19,23 +19,9 @@ import torch
 from dsmoe.cli import common, main
 from dsmoe.cli import train as train_mod
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BASE = ["--preset", "tiny", "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2", "--eval-batches", "1",
         "--no-progress", "--sample-tokens", "0"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text("".join(f"def f{i % 7}(x):\n    return x * {i % 5} + {i % 3}\n" for i in range(400)))
-    return path
 
 
 @pytest.fixture(scope="module")
