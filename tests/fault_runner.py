@@ -4,8 +4,9 @@
 
 ``pattern`` matches paths from the right, one ``*`` within one path part (``PurePath.match``:
 ``checkpoints/step-000004.tmp-*`` is that folder, not a file in it). ``when`` is one of
-    half-write  safetensors.torch.save_file to a path matching ``pattern`` writes half the file, then
-                the process SIGKILLs itself (a kill -9 in the middle of writing)
+    half-write  safetensors.torch.save_file (or dsmoe.checkpoint's fsynced writer, which
+                save_pretrained uses) to a path matching ``pattern`` writes half the file, then the
+                process SIGKILLs itself (a kill -9 in the middle of writing)
     rename      os.replace whose source matches ``glob``: SIGKILL just before the rename
     renamed     the same, just after it
 The first matching call triggers it; everything else runs as usual.
@@ -40,6 +41,22 @@ def install(spec: str) -> None:
             return original(tensors, filename, metadata=metadata)
 
         st.save_file = save_file
+
+        # model weights go through dsmoe.checkpoint's fsynced writer (save_pretrained)
+        import dsmoe.checkpoint as dc
+
+        original_write = dc._fsync_write
+
+        def fsync_write(path, data):
+            if PurePath(path).match(pattern):
+                with open(path, "wb") as f:
+                    f.write(data[: len(data) // 2])
+                    f.flush()
+                    os.fsync(f.fileno())
+                _kill()
+            return original_write(path, data)
+
+        dc._fsync_write = fsync_write
     elif when in ("rename", "renamed"):
         original_replace = os.replace
 

@@ -25,7 +25,7 @@ BASE = ["--preset", "tiny", "--batch-size", "4", "--seq-len", "32", "--lr", "1e-
 TINY = [*BASE, "--steps", "4", "--save-every", "2"]
 RUNNER = Path(__file__).with_name("fault_runner.py")
 CKPT_FILES = {"config.json", "model.safetensors", "optimizer.safetensors", "rng.safetensors", "tokenizer.json",
-              "trainer_state.json"}
+              "tokenizer_config.json", "trainer_state.json"}
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +75,14 @@ def _error_line(capsys, code: int) -> str:
 
 # (fault, whether the checkpoint of step 4 is complete after the kill)
 KILLS = [
-    ("half-write@step-000004.tmp-*/model.safetensors", False),   # the weights, half written
+    # (save_pretrained writes the weights in a staging folder beside its target: ".<target>.saving-*")
+    ("half-write@*step-000004.tmp-*/model.safetensors", False),  # the weights, half written
     ("half-write@step-000004.tmp-*/optimizer.safetensors", False),
     ("half-write@step-000004.tmp-*/rng.safetensors", False),
     ("rename@step-000004.tmp-*/trainer_state.json.tmp-*", False),  # the JSON, before its rename
     ("rename@checkpoints/step-000004.tmp-*", False),              # all written, before the rename
     ("renamed@checkpoints/step-000004.tmp-*", True),              # right after it
-    ("half-write@.publish.tmp-*/model.safetensors", True),        # the run's final model
+    ("half-write@*.publish.tmp-*/model.safetensors", True),       # the run's final model
     ("rename@.publish.tmp-*/model.safetensors", True),
 ]
 
@@ -142,16 +143,16 @@ def test_disk_full_while_saving_is_one_line_and_keeps_the_last_checkpoint(error,
 
 
 def test_disk_full_while_writing_the_final_model(tmp_path, corpus, reference, monkeypatch, capsys):
-    import safetensors.torch as st
+    import dsmoe.checkpoint as dc
 
-    original = st.save_file
+    original = dc._fsync_write  # save_pretrained's fsynced writer
 
-    def full_disk(tensors, filename, metadata=None):
-        if ".publish.tmp-" in str(filename):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
-        return original(tensors, filename, metadata=metadata)
+    def full_disk(path, data):
+        if ".publish.tmp-" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return original(path, data)
 
-    monkeypatch.setattr(st, "save_file", full_disk)
+    monkeypatch.setattr(dc, "_fsync_write", full_disk)
     run = tmp_path / "run"
     line = _error_line(capsys, main(["train", *TINY, "--data", str(corpus), "--out", str(run)]))
     assert "the final model" in line and "No space left on device" in line

@@ -36,8 +36,10 @@ CHECKPOINTS = "checkpoints"
 RUN_FILE = "run.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # what a save leaves while it runs: step-N.tmp-<id> (being written), step-N.old-<id> (the
-# checkpoint of the same step it replaces, until the new one is in place)
+# checkpoint of the same step it replaces, until the new one is in place), and the staging
+# folder of dsmoe.checkpoint.save_pretrained beside its target, .<target>.saving-<random>
 _PARTIAL = re.compile(r"^(?P<name>.+)\.(?P<kind>tmp|old)-[0-9a-f]+$")
+_SAVING = re.compile(r"^\..+\.saving-[A-Za-z0-9_]+$")
 # config.json keys that describe the file, not the architecture
 _NOT_ARCHITECTURE = {"transformers_version", "torch_dtype", "dtype", "architectures", "auto_map", "_name_or_path"}
 
@@ -158,13 +160,17 @@ def publish_files(dest: Path, write, what: str) -> None:
 
 def clean_partial_saves(run_dir: Path) -> list[str]:
     """Removes what saves that were killed left in a run directory (the run holds its lock, so
-    no save is running): half-written ``*.tmp-<id>`` folders; a ``step-N.old-<id>`` goes back
+    no save is running): half-written ``*.tmp-<id>`` and ``.*.saving-*`` folders; a ``step-N.old-<id>`` goes back
     to ``step-N`` if the new one never arrived. Returns what it did."""
     done = []
     for folder in (Path(run_dir), Path(run_dir) / CHECKPOINTS):
         if not folder.is_dir():
             continue
         for p in sorted(folder.iterdir()):
+            if _SAVING.match(p.name):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+                done.append(f"removed the unfinished {p.name}")
+                continue
             m = _PARTIAL.match(p.name)
             if not m or (m.group("kind") == "old" and folder.name != CHECKPOINTS):
                 continue
