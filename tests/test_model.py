@@ -272,6 +272,42 @@ def test_bf16_comparison_catches_a_zeroed_moe(trained_tiny, monkeypatch):
         assert_bf16_matches(logits, ref64, ref16)
 
 
+@pytest.mark.parametrize("broken", ["routed_experts_zero", "shared_experts_zero", "uniform_weights", "next_expert"])
+def test_bf16_comparisons_catch_a_broken_moe(trained_tiny, monkeypatch, broken):
+    """Subtler breakages than a zeroed layer, each must fail both bf16 checks (against the seeds
+    and the impls' agreement bound of test_impls_agree_in_bf16): only the routed experts' sum
+    zeroed (shared experts kept), only the shared experts zeroed, the routing weights replaced
+    by 1/k, every token sent to the next expert id."""
+    from dsmoe.layers import RoutedExperts, TopKRouter
+
+    model, ids, ref64, ref16 = trained_tiny
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    bf16.set_moe_impl("dsmoe")
+    if broken == "routed_experts_zero":
+        experts = RoutedExperts.forward
+        monkeypatch.setattr(RoutedExperts, "forward", lambda self, x, *a, **kw: torch.zeros_like(experts(self, x, *a, **kw)))
+    elif broken == "shared_experts_zero":
+        for layer in bf16.moe_layers():
+            assert layer.shared_experts is not None
+            layer.shared_experts.down_proj.weight.data.zero_()
+    else:
+        router = TopKRouter.forward
+
+        def wrong_route(self, *a, **kw):
+            out = router(self, *a, **kw)
+            if broken == "uniform_weights":
+                return out._replace(weights=torch.full_like(out.weights, 1.0 / out.weights.shape[1]))
+            return out._replace(expert_ids=(out.expert_ids + 1) % self.num_experts)
+
+        monkeypatch.setattr(TopKRouter, "forward", wrong_route)
+    with torch.no_grad():
+        logits = bf16(ids)["logits"]
+    with pytest.raises(AssertionError):
+        assert_bf16_matches(logits, ref64, ref16)
+    err = float((logits.double() - ref64).norm() / ref64.norm())
+    assert err >= 0.03, f"{broken}: relative error {err:.4f} is inside test_impls_agree_in_bf16's bound"
+
+
 def test_impls_agree_in_bf16(trained_tiny):
     # training mode (the seeds' training loop on the reference impl); both in bf16 noise of fp64
     model, ids, _, _ = trained_tiny
