@@ -141,15 +141,18 @@ def test_device_balance_loss_rejects_devices_not_dividing_experts(D):
         DeviceBalanceLoss(4, 2, D, 0.1)
 
 
-@pytest.mark.parametrize("fn", [lambda c, s: expert_balance_loss(c, s, 2, 3, 0.1),
-                                lambda c, s: device_balance_loss(c, s, 2, 3, 2, 0.1)])
-def test_balance_losses_reject_bad_shapes(fn):
+@pytest.mark.parametrize("name, fn", [
+    ("expert_balance_loss", lambda c, s: expert_balance_loss(c, s, 2, 3, 0.1)),
+    ("device_balance_loss", lambda c, s: device_balance_loss(c, s, 2, 3, 2, 0.1)),
+], ids=["expert", "device"])
+def test_balance_losses_reject_bad_shapes(name, fn):
+    """The error names the function and the argument, with the shapes it got."""
     counts, sums = _tensors()
-    with pytest.raises(ValueError, match=r"must be \[num_seqs, num_experts\]"):
+    with pytest.raises(ValueError, match=rf"^{name}: tokens_per_expert and score_sums must be \[num_seqs, num_experts\], got \(4,\) and \(2, 4\)$"):
         fn(counts[0], sums)
-    with pytest.raises(ValueError, match=r"must be \[num_seqs, num_experts\]"):
+    with pytest.raises(ValueError, match=rf"^{name}: .*must be \[num_seqs, num_experts\], got \(2, 4\) and \(4,\)$"):
         fn(counts, sums[0])
-    with pytest.raises(ValueError, match="must have the same shape"):
+    with pytest.raises(ValueError, match=rf"^{name}: tokens_per_expert \(2, 2\) and score_sums \(2, 4\) must have the same shape$"):
         fn(counts[:, :2], sums)
 
 
