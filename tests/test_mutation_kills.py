@@ -3,6 +3,8 @@ rest of the suite let through (docs/mutation_testing.md names each). Every expec
 independent of the code under test: plain PyTorch, or a value worked out by hand."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -26,3 +28,80 @@ def test_permute_dropped_rows_are_zero_in_reused_memory():
     assert torch.equal(x_perm[kept:], torch.zeros(T * k - kept, h))
     token = torch.arange(T).repeat_interleave(k)
     assert torch.equal(x_perm[row_map.long()[ids.flatten() < E]], x[token[ids.flatten() < E]])
+
+
+# ---------------------------------------------------------------- dsmoe/config.py (mutmut survivors)
+def _tiny_config(**changes):
+    from dsmoe.config import DeepSeekMoEConfig
+
+    fields = dict(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                  num_hidden_layers=2, num_attention_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+                  n_shared_experts=1)
+    fields.update(changes)
+    return DeepSeekMoEConfig(**fields)
+
+
+def test_config_to_dict_is_the_hf_layout_and_a_deep_copy():
+    config = _tiny_config(rope_scaling={"type": "linear", "factor": 2.0})
+    config.extra["auto_map"] = {"AutoConfig": "x.Y"}
+    d = config.to_dict()
+    assert d["model_type"] == "deepseek" and d["architectures"] == ["DeepseekForCausalLM"]
+    # changing what to_dict returned never changes the config (nested values included)
+    d["rope_scaling"]["factor"] = 8.0
+    d["auto_map"]["AutoConfig"] = "changed"
+    assert config.rope_scaling == {"type": "linear", "factor": 2.0}
+    assert config.extra["auto_map"] == {"AutoConfig": "x.Y"}
+
+
+def test_config_from_dict_drops_only_model_type_and_architectures():
+    from dsmoe.config import DeepSeekMoEConfig
+
+    data = {**_tiny_config().to_dict(), "torch_dtype": "bfloat16"}
+    back = DeepSeekMoEConfig.from_dict(data)
+    assert back == _tiny_config() and back.extra == {"torch_dtype": "bfloat16"}
+    with pytest.raises(TypeError, match=r"^DeepSeekMoEConfig.from_dict: data must be a dict, got list$"):
+        DeepSeekMoEConfig.from_dict([("hidden_size", 32)])
+
+
+def test_config_json_text_is_indented_sorted_and_ends_with_a_newline():
+    text = _tiny_config().to_json_string()
+    lines = text.split("\n")
+    assert text.endswith("}\n") and lines[0] == "{"
+    top = [line for line in lines[1:-2] if line.startswith('  "')]  # 2-space indent: the top level
+    assert all(line.startswith(("  ", "    ")) and line[2] in '"] ' for line in lines[1:-2])
+    assert '    "DeepseekForCausalLM"' in lines  # nested values one level further
+    keys = [line.split('"')[1] for line in top]
+    assert keys == sorted(keys) and len(keys) == len(_tiny_config().to_dict())
+
+
+def test_config_file_overrides_and_missing_file(tmp_path):
+    from dsmoe.config import DeepSeekMoEConfig
+
+    _tiny_config().save_pretrained(tmp_path)
+    assert DeepSeekMoEConfig.from_json_file(tmp_path / "config.json", num_hidden_layers=3).num_hidden_layers == 3
+    assert DeepSeekMoEConfig.from_pretrained(tmp_path, num_hidden_layers=5).num_hidden_layers == 5
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=rf"^DeepSeekMoEConfig: no config file at {re.escape(str(missing))}$"):
+        DeepSeekMoEConfig.from_pretrained(missing)
+
+
+def test_config_replace_keeps_unknown_keys_equality_and_repr():
+    config = _tiny_config()
+    config.extra["torch_dtype"] = "bfloat16"
+    assert config.replace(num_hidden_layers=3).extra == {"torch_dtype": "bfloat16"}
+    assert config != config.replace(num_hidden_layers=3)
+    assert config == config.replace() and config != "not a config"
+    assert repr(config) == (
+        "DeepSeekMoEConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, "
+        "num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, "
+        "n_routed_experts=8, num_experts_per_tok=2)"
+    )
+
+
+@pytest.mark.parametrize("name", ["deepseek_moe_2b", "deepseek_moe_16b", "deepseek_moe_145b"])
+def test_paper_preset_functions_take_overrides(name):
+    import dsmoe.config as cfg
+
+    config = getattr(cfg, name)(num_hidden_layers=2, vocab_size=100)
+    assert (config.num_hidden_layers, config.vocab_size) == (2, 100)
+    assert config.n_routed_experts == {"deepseek_moe_2b": 63, "deepseek_moe_16b": 64, "deepseek_moe_145b": 128}[name]
