@@ -105,3 +105,23 @@ def test_paper_preset_functions_take_overrides(name):
     config = getattr(cfg, name)(num_hidden_layers=2, vocab_size=100)
     assert (config.num_hidden_layers, config.vocab_size) == (2, 100)
     assert config.n_routed_experts == {"deepseek_moe_2b": 63, "deepseek_moe_16b": 64, "deepseek_moe_145b": 128}[name]
+
+
+@pytest.mark.parametrize("scaling, limit", [
+    (None, 128),
+    ({"type": "linear", "factor": 2.0}, 256),
+    ({"rope_type": "linear", "factor": 2.5}, 320),  # transformers' newer key
+    ({"type": "dynamic", "factor": 2.0}, None),  # NTK scaling exists to go past the limit
+    ({"rope_type": "dynamic", "factor": 4.0}, None),
+])
+def test_position_limit_and_check_positions(scaling, limit):
+    from dsmoe.config import check_positions, position_limit
+
+    config = _tiny_config(max_position_embeddings=128, rope_scaling=scaling)
+    assert position_limit(config) == limit
+    check_positions(config, limit or 10_000, "generate")  # exactly the limit is allowed
+    if limit is not None:
+        with pytest.raises(ValueError, match=(
+            rf"^generate needs {limit + 1} positions but the model's max_position_embeddings is {limit}; "
+            r"shorten the input \(or the number of new tokens\)$")):
+            check_positions(config, limit + 1, "generate")
