@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dsmoe import ops
+from kernel_backends import kernels_params, make_kernels
 
 
 def test_permute_dropped_rows_are_zero_in_reused_memory():
@@ -125,3 +126,30 @@ def test_position_limit_and_check_positions(scaling, limit):
             rf"^generate needs {limit + 1} positions but the model's max_position_embeddings is {limit}; "
             r"shorten the input \(or the number of new tokens\)$")):
             check_positions(config, limit + 1, "generate")
+
+
+# ---------------------------------------------------------------- CUDA kernels (SIMT emulator)
+@pytest.fixture(params=kernels_params(), scope="module")
+def kern(request):
+    return make_kernels(request.param)
+
+
+def test_grouped_gemm_wgrad_clamps_offsets_past_the_rows(kern):
+    """The CUDA kernels cannot read the offsets on the host, so index_math.h's group_rows clamps
+    each group to the tensor's rows: offsets past the end (malformed) never make a kernel read
+    past it. Here a and grad_c are the first rows of larger buffers whose other rows hold 1e4, so
+    a read past the end shows in the gradient. (The CPU op refuses such offsets outright.)"""
+    rows, K, N = 5, 16, 8
+    big_a = torch.full((rows + 8, K), 1e4)
+    big_g = torch.full((rows + 8, N), 1e4)
+    big_a[:rows] = torch.randn(rows, K)
+    big_g[:rows] = torch.randn(rows, N)
+    a, grad_c = big_a[:rows], big_g[:rows]
+    assert a.is_contiguous() and a.data_ptr() == big_a.data_ptr()
+    offsets = torch.tensor([0, 3, rows + 6], dtype=torch.int32)
+    dw = kern.run("grouped_gemm_wgrad", a, grad_c, offsets, False)
+    a64, g64 = a.double(), grad_c.double()
+    expected = torch.stack([a64[:3].T @ g64[:3], a64[3:].T @ g64[3:]])
+    torch.testing.assert_close(dw.double(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match=r"expert_offsets\[-1\]=11 must not exceed the number of rows \(5\)"):
+        ops.grouped_gemm_wgrad(a, grad_c, offsets, False)

@@ -19,6 +19,8 @@ fi
 # the optional [hf] extra and what the tests run on it: transformers' MoE models and dsmoe's
 # transformers face, PEFT, accelerate, lm-evaluation-harness (about a minute from wheels)
 "$PY" -m pip install -q "transformers>=5.23,<6" "peft>=0.17" accelerate lm-eval
+# the mutation-testing tool of tools/mutation_python.sh (docs/mutation_testing.md; not run by the tests)
+"$PY" -m pip install -q "mutmut==3.8.1"
 # cmake >= 3.25 for the C++ benchmark binaries (tests/test_cmake_build.py)
 if ! cmake --version 2>/dev/null | awk 'NR==1{split($3,v,"."); exit !(v[1]>3 || (v[1]==3 && v[2]>=25))}'; then
   "$PY" -m pip install -q "cmake>=3.25"

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Mutation pass (mutmut 3) over one module of dsmoe/ against the tests that exercise it.
+#
+#   tools/mutation_python.sh losses                 # the module's default test selection (below)
+#   tools/mutation_python.sh layers tests/test_model.py -k moe   # or your own pytest arguments
+#
+# Runs in a scratch copy, build/mutation/<module>/ (dsmoe/ with its compiled _C*.so, tests/,
+# a generated setup.cfg with the [mutmut] section), so nothing of mutmut's (mutants/, its
+# config) touches the checkout or a normal build. Under nice 19: it is a long batch job.
+# Prints mutmut's counts and the surviving mutants, and writes build/mutation/<module>/survivors.txt
+# (each survivor's diff). Needs `pip install mutmut==3.8.1` (tools/install.sh installs it).
+# See docs/mutation_testing.md for the last counts and the survivors judged equivalent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PY=${PYTHON:-python}
+mod=${1:?usage: tools/mutation_python.sh MODULE [pytest args...]  (MODULE: losses, layers, config, ...)}
+shift
+src=dsmoe/$mod.py
+[ -f "$src" ] || { echo "no such module: $src" >&2; exit 2; }
+"$PY" -c "import mutmut" 2>/dev/null || { echo "mutmut is not installed: pip install mutmut==3.8.1" >&2; exit 2; }
+
+if [ $# -gt 0 ]; then
+  tests=("$@")
+else
+  # the tests that exercise each module; small enough that one mutant takes seconds
+  case $mod in
+    losses) tests=(tests/test_losses_formulas.py tests/test_model.py tests/test_ops_reference.py) ;;
+    layers) tests=(tests/test_mutation_kills.py tests/test_model.py tests/test_losses_formulas.py) ;;
+    config) tests=(tests/test_model_config.py tests/test_mutation_kills.py tests/test_losses_formulas.py) ;;
+    model) tests=(tests/test_model.py tests/test_mutation_kills.py) ;;
+    generation) tests=(tests/test_generation.py) ;;
+    ops) tests=(tests/test_ops_gate.py tests/test_ops_permute.py tests/test_ops_gemm.py tests/test_ops_reference.py) ;;
+    checkpoint) tests=(tests/test_checkpoint.py) ;;
+    *) echo "no default tests for $mod: pass pytest arguments" >&2; exit 2 ;;
+  esac
+fi
+
+work=build/mutation/$mod
+rm -rf "$work"
+mkdir -p "$work"
+cp -a dsmoe tests pyproject.toml "$work"/
+# pyproject.toml carries no [tool.mutmut], so mutmut reads setup.cfg
+{
+  echo "[mutmut]"
+  echo "source_paths = dsmoe"
+  echo "only_mutate = $src"
+  echo "process_isolation = forkserver"
+  # mutmut's timeout is CPU time per mutant (stats' duration x multiplier + constant); torch's
+  # import and a shared machine need headroom
+  echo "timeout_multiplier = 30"
+  echo "timeout_constant = 30"
+  echo "pytest_add_cli_args_test_selection ="
+  for t in "${tests[@]}"; do echo "    $t"; done
+} > "$work/setup.cfg"
+
+cd "$work"
+# only the mutated copy: never the checkout (or an installed dsmoe)
+# (made now: a PYTHONPATH entry that does not exist when Python starts is never looked at again)
+mkdir -p mutants
+export PYTHONPATH="$ROOT/$work/mutants"
+export OMP_NUM_THREADS=1
+nice -n 19 "$PY" -m mutmut run --max-children "${MUTMUT_JOBS:-2}" 2>&1 | tail -n 30 || true
+"$PY" -m mutmut results --all true > results.txt 2>&1 || true
+grep -E ": (survived|no tests|timeout|suspicious|skipped)" results.txt | sed 's/^ *//' > survivors_names.txt || true
+: > survivors.txt
+while read -r line; do
+  name=${line%%:*}
+  "$PY" -m mutmut show "$name" >> survivors.txt 2>&1 || true
+  echo >> survivors.txt
+done < survivors_names.txt
+echo "== $mod: $(grep -c ': killed' results.txt || true) killed, $(grep -c ': survived' results.txt || true) survived," \
+  "$(grep -c ': no tests' results.txt || true) without tests, $(grep -c ': timeout' results.txt || true) timed out"
+echo "survivors (diffs in $work/survivors.txt):"
+cat survivors_names.txt
