@@ -153,3 +153,44 @@ def test_grouped_gemm_wgrad_clamps_offsets_past_the_rows(kern):
     torch.testing.assert_close(dw.double(), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match=r"expert_offsets\[-1\]=11 must not exceed the number of rows \(5\)"):
         ops.grouped_gemm_wgrad(a, grad_c, offsets, False)
+
+
+@pytest.mark.parametrize("changes", [
+    dict(moe_intermediate_size=1), dict(n_shared_experts=0), dict(n_routed_experts=1, num_experts_per_tok=1),
+    dict(num_experts_per_tok=8), dict(rope_theta=1e-3), dict(rms_norm_eps=1e-12), dict(aux_loss_alpha=0.0),
+])
+def test_config_accepts_the_boundaries(changes):
+    config = _tiny_config(**changes)
+    assert all(getattr(config, k) == v for k, v in changes.items())
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(rope_theta=0.0), "rope_theta must be > 0.0, got 0.0"),
+    (dict(rms_norm_eps=0.0), "rms_norm_eps must be > 0.0, got 0.0"),
+    (dict(aux_loss_alpha=-0.5), "aux_loss_alpha must be >= 0.0, got -0.5"),
+    (dict(aux_loss_alpha=float("nan")), "aux_loss_alpha must be a finite number, got nan"),
+    (dict(aux_loss_alpha=True), "aux_loss_alpha must be a finite number, got True"),
+    (dict(vocab_size=None), "vocab_size must be an integer >= 1, got None"),
+    (dict(moe_intermediate_size=0), "moe_intermediate_size must be an integer >= 1, got 0"),
+    (dict(n_shared_experts=-1), "n_shared_experts must be an integer >= 0, got -1"),
+    (dict(num_experts_per_tok=9), "num_experts_per_tok=9 must be <= n_routed_experts=8"),
+    (dict(num_experts_per_tok=None), "num_experts_per_tok must be set when n_routed_experts is"),
+    (dict(hidden_size=36, num_attention_heads=4, num_key_value_heads=4),
+     "hidden_size / num_attention_heads = 9 must be even (rotary embeddings rotate pairs)"),
+])
+def test_config_refusals_name_the_field(changes, message):
+    with pytest.raises(ValueError, match="^DeepSeekMoEConfig: " + re.escape(message) + "$"):
+        _tiny_config(**changes)
+
+
+def test_config_unknown_fields_and_presets_messages():
+    from dsmoe.config import get_preset
+
+    with pytest.raises(TypeError, match=re.escape(
+            "DeepSeekMoEConfig: unknown field(s) a_field, b_field; use DeepSeekMoEConfig.from_dict to keep "
+            "unknown keys of a config.json")):
+        _tiny_config(b_field=1, a_field=2)
+    with pytest.raises(ValueError, match=re.escape(
+            "unknown preset 'nope'; choose one of deepseek-moe-2b, deepseek-moe-16b, deepseek-moe-145b, small, tiny "
+            "(or 2b/16b/145b)")):
+        get_preset("nope")
