@@ -175,6 +175,7 @@ def test_config_accepts_the_boundaries(changes):
     (dict(n_shared_experts=-1), "n_shared_experts must be an integer >= 0, got -1"),
     (dict(num_experts_per_tok=9), "num_experts_per_tok=9 must be <= n_routed_experts=8"),
     (dict(num_experts_per_tok=None), "num_experts_per_tok must be set when n_routed_experts is"),
+    (dict(rope_scaling="linear"), "rope_scaling must be a dict or null, got 'linear'"),
     (dict(hidden_size=36, num_attention_heads=4, num_key_value_heads=4),
      "hidden_size / num_attention_heads = 9 must be even (rotary embeddings rotate pairs)"),
 ])
