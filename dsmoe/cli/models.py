@@ -1,14 +1,14 @@
 """Glue between the command line and the model package: configs from presets or files, the
 three architectures of the paper's comparison as ordinary configs, loading checkpoints with
-one-line errors, and masking routed experts for the ablation."""
+one-line errors. The expert ablation itself is dsmoe.analysis."""
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .. import analysis
 from .common import CLIError, read_json
 
 # The architectures compared in the paper (its Figure 1 / Table 1), at a size a 2-core CPU
@@ -124,31 +124,5 @@ def routers(model) -> list:
     return [layer.gate for layer in model.moe_layers()]
 
 
-@contextlib.contextmanager
-def disable_top_experts(model, num_disabled: int):
-    """For every token, masks its ``num_disabled`` top-scoring routed experts (router logits
-    set to -inf before the softmax), so the gate picks its top-k among the rest: the paper's
-    redundancy ablation. The remaining scores are renormalised by the softmax."""
-    if num_disabled <= 0:
-        yield
-        return
-    patched = []
-    for gate in routers(model):
-        if num_disabled > gate.num_experts - gate.top_k:
-            raise CLIError(
-                f"cannot disable {num_disabled} of {gate.num_experts} routed experts with top-{gate.top_k} routing"
-            )
-        original = gate.logits
-
-        def masked(x, _orig=original):
-            logits = _orig(x)
-            top = logits.topk(num_disabled, dim=-1).indices
-            return logits.scatter(-1, top, float("-inf"))
-
-        gate.logits = masked  # instance attribute shadows TopKRouter.logits
-        patched.append(gate)
-    try:
-        yield
-    finally:
-        for gate in patched:
-            del gate.logits
+# the ablation lives in the library (dsmoe.analysis); this name stays for existing callers
+disable_top_experts = analysis.disable_top_experts
