@@ -207,7 +207,8 @@ def disable_top_experts(model, num_disabled: int, renormalize: bool = False) -> 
 
             def masked(x, _orig=original_logits, _lost=lost):
                 logits = _orig(x)
-                top = logits.topk(num_disabled, dim=-1).indices  # the highest logits = the highest probabilities
+                # the highest logits = the highest probabilities; ties to the lower id, as the gate op
+                top = logits.sort(dim=-1, descending=True, stable=True).indices[..., :num_disabled]
                 _lost["mass"] = logits.float().softmax(-1).gather(-1, top).sum(-1, keepdim=True)
                 return logits.scatter(-1, top, float("-inf"))
 
