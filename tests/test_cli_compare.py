@@ -113,3 +113,27 @@ def test_compare_refuses_bad_budgets(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and needle in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_report_of_a_stopped_comparison(compared, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "stopped"
+    shutil.copytree(compared, out)
+    (out / "compare.json").unlink()
+    run = out / "deepseekmoe" / "seed-1"
+    (run / "model.safetensors").unlink()  # as a run stopped at step 2 leaves it
+    rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 2))
+    assert main(["compare", "--report", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "unfinished runs" in text and "deepseekmoe seed 1" in text
+    summary = json.loads((out / "compare.json").read_text())
+    ds = summary["models"]["deepseekmoe"]
+    assert [r["complete"] for r in ds["per_seed"]] == [True, False] and ds["per_seed"][1]["steps_done"] == 2
+    assert ds["final_val_loss"]["n"] == 1
+    assert summary["gaps"]["deepseekmoe-gshard"]["n"] == 1  # finals: the seed both finished
+    assert [t["n"] for t in summary["gaps"]["deepseekmoe-gshard"]["trend"]] == [2, 1]  # curves: as far as they got
+    assert ds["val_curve"]["n"] == [2, 1]
+    code = main(["compare", "--report", str(tmp_path / "nothing")])
+    assert code == 2 and "not a `dsmoe compare` directory" in capsys.readouterr().err

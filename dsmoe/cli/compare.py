@@ -518,6 +518,11 @@ def _report(results: dict) -> None:
               " ".join(f"{v:.4f}" for v in m["final_val_loss"]["values"]),
               f"{m['final_train_loss']['mean']:.4f}", f"{m['final_aux_loss']['mean']:.4f}",
               _load_desc(m), f"{_mean([r['tokens_per_s'] for r in m['per_seed']]):.0f}"] for n, m in models.items()]))
+    uniform = {n: m["config"]["aux_loss_alpha"] * m["config"]["num_hidden_layers"]
+               for n, m in results["models"].items() if m["config"].get("n_routed_experts")}
+    if uniform:
+        print("balance loss at perfectly uniform routing: " + ", ".join(f"{LABELS[n]} {u:.4f}" for n, u in uniform.items())
+              + " (the sum over MoE layers of alpha x 1)")
     print("\ngaps of final validation loss, paired by seed (mean ± 95% interval; seed spread = std of one model over seeds):")
     for key, g in results["gaps"].items():
         a, b = key.split("-")
@@ -570,7 +575,7 @@ def plot_curves(results: dict, path: Path) -> None:
         at = _by_step(m["per_seed"])
         steps = sorted(at)
         ax.plot(steps, [sum(at[st].values()) / len(at[st]) for st in steps], "o-", color=color, ms=3,
-                label=f"{LABELS[name]} ({n} seeds)")
+                label=f"{LABELS[name]} ({n} seed{'s' if n != 1 else ''})")
         ax.fill_between(steps, [min(at[st].values()) for st in steps], [max(at[st].values()) for st in steps],
                         color=color, alpha=0.2, lw=0)
         trains = [r["train_curve"] for r in m["per_seed"]]
