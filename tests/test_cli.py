@@ -195,23 +195,7 @@ def test_disabling_top_experts_never_routes_to_them(trained):
     assert torch.equal(gate(x).expert_ids.long().sort(-1).values, top2.sort(-1).values)  # restored
 
 
-# ------------------------------------------------------------------------------- compare, bench, info
-
-
-def test_compare_trains_three_variants(tmp_path, corpus, capsys):
-    out = tmp_path / "cmp"
-    code = main(["compare", "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--ffn", "32",
-                 "--experts", "4", "--granularity", "2", "--steps", "4", "--batch-size", "2", "--seq-len", "16",
-                 "--eval-batches", "1", "--data", str(corpus), "--out", str(out), "--no-progress"])
-    text = capsys.readouterr().out
-    assert code == 0, text
-    summary = json.loads((out / "compare.json").read_text())
-    assert list(summary) == ["dense", "gshard", "deepseekmoe"]
-    assert all(s["final_val_loss"] is not None for s in summary.values())
-    assert (out / "loss_curves.png").stat().st_size > 1000
-    ds = json.loads((out / "configs" / "deepseekmoe.json").read_text())
-    assert ds["n_routed_experts"] == 7 and ds["num_experts_per_tok"] == 3 and ds["moe_intermediate_size"] == 16
-    assert "final val loss" in text and "DeepSeekMoE" in text
+# ------------------------------------------------------------------------------- bench, info (compare: test_cli_compare.py)
 
 
 def test_bench_prints_both_paths(capsys):

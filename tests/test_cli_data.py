@@ -159,11 +159,13 @@ def test_compare_variants_match_flops_and_params():
     dense, gshard, ds = counts["dense"], counts["gshard"], counts["deepseekmoe"]
     # activated: equal up to the routers (E x hidden per layer)
     h, L = 128, 4
-    assert gshard[1] - dense[1] == 8 * h * L
-    assert ds[1] - dense[1] == 31 * h * L
+    assert gshard[1] - dense[1] == 16 * h * L
+    assert ds[1] - dense[1] == 63 * h * L
     # total: the two MoEs differ only by their routers
-    assert ds[0] - gshard[0] == (31 - 8) * h * L
+    assert ds[0] - gshard[0] == (63 - 16) * h * L
     assert cfgs["deepseekmoe"]["num_experts_per_tok"] == 7 and cfgs["deepseekmoe"]["n_shared_experts"] == 1
+    # GShard normalises its top-2 gates (its paper's Algorithm 1); DeepSeekMoE does not (its paper)
+    assert cfgs["gshard"]["norm_topk_prob"] is True and cfgs["deepseekmoe"]["norm_topk_prob"] is False
     with pytest.raises(CLIError, match="granularity"):
         compare_configs(ffn=30, granularity=4)
 

@@ -1,23 +1,24 @@
 """Glue between the command line and the model package: configs from presets or files, the
 three architectures of the paper's comparison as ordinary configs, loading checkpoints with
-one-line errors, and masking routed experts for the ablation."""
+one-line errors. The expert ablation itself is dsmoe.analysis."""
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .. import analysis
 from .common import CLIError, read_json
 
 # The architectures compared in the paper (its Figure 1 / Table 1), at a size a 2-core CPU
-# trains in minutes. Same activated expert FLOPs for all three (2 standard FFNs per token) and
-# the same total expert parameters for the two MoEs (8 standard FFNs):
+# trains in minutes, laid out as the paper's 2B validation: activated expert parameters = 2
+# standard FFNs per token for all three, total expert parameters = 16 standard FFNs for both MoEs:
 #   dense     one FFN of 2 x 256 = 512
-#   gshard    8 experts of 256, top-2, no shared expert
-#   deepseek  granularity m = 4: experts of 64; 1 shared + 31 routed, top-7  -> (1+7) x 64 = 512
-#             activated, (1+31) x 64 = 2048 = 8 x 256 total
+#   gshard    16 experts of 256, top-2, no shared expert, top-2 gates normalised to sum 1
+#             (GShard's gating, Lepikhin et al. 2020, Algorithm 1)
+#   deepseek  granularity m = 4: experts of 64; 1 shared + 63 routed, top-7  -> (1+7) x 64 = 512
+#             activated, (1+63) x 64 = 4096 = 16 x 256 total; gates not renormalised (the paper's)
 COMPARE_BASE = dict(
     vocab_size=259, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
     max_position_embeddings=1024, initializer_range=0.02, aux_loss_alpha=0.01, seq_aux=True,
@@ -26,7 +27,7 @@ COMPARE_BASE = dict(
 
 
 def compare_configs(hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4, ffn: int = 256,
-                    experts: int = 8, granularity: int = 4, shared: int = 1) -> dict[str, dict[str, Any]]:
+                    experts: int = 16, granularity: int = 4, shared: int = 1) -> dict[str, dict[str, Any]]:
     """Config dicts of the dense / GShard / DeepSeekMoE variants (see COMPARE_BASE).
 
     ``ffn`` is the standard expert's intermediate size, ``experts`` the GShard expert count (top-2),
@@ -48,10 +49,11 @@ def compare_configs(hidden_size: int = 128, num_layers: int = 4, num_heads: int 
         "dense": {**base, "intermediate_size": 2 * ffn, "moe_intermediate_size": ffn,
                   "n_routed_experts": None, "n_shared_experts": None, "num_experts_per_tok": None},
         "gshard": {**base, "intermediate_size": 2 * ffn, "moe_intermediate_size": ffn,
-                   "n_routed_experts": experts, "n_shared_experts": None, "num_experts_per_tok": 2},
+                   "n_routed_experts": experts, "n_shared_experts": None, "num_experts_per_tok": 2,
+                   "norm_topk_prob": True},
         "deepseekmoe": {**base, "intermediate_size": 2 * ffn, "moe_intermediate_size": ffn // granularity,
                         "n_routed_experts": routed_fine, "n_shared_experts": shared or None,
-                        "num_experts_per_tok": k_fine},
+                        "num_experts_per_tok": k_fine, "norm_topk_prob": False},
     }
 
 
@@ -122,31 +124,5 @@ def routers(model) -> list:
     return [layer.gate for layer in model.moe_layers()]
 
 
-@contextlib.contextmanager
-def disable_top_experts(model, num_disabled: int):
-    """For every token, masks its ``num_disabled`` top-scoring routed experts (router logits
-    set to -inf before the softmax), so the gate picks its top-k among the rest: the paper's
-    redundancy ablation. The remaining scores are renormalised by the softmax."""
-    if num_disabled <= 0:
-        yield
-        return
-    patched = []
-    for gate in routers(model):
-        if num_disabled > gate.num_experts - gate.top_k:
-            raise CLIError(
-                f"cannot disable {num_disabled} of {gate.num_experts} routed experts with top-{gate.top_k} routing"
-            )
-        original = gate.logits
-
-        def masked(x, _orig=original):
-            logits = _orig(x)
-            top = logits.topk(num_disabled, dim=-1).indices
-            return logits.scatter(-1, top, float("-inf"))
-
-        gate.logits = masked  # instance attribute shadows TopKRouter.logits
-        patched.append(gate)
-    try:
-        yield
-    finally:
-        for gate in patched:
-            del gate.logits
+# the ablation lives in the library (dsmoe.analysis); this name stays for existing callers
+disable_top_experts = analysis.disable_top_experts
