@@ -105,6 +105,7 @@ inline V v_load_w(const W* p) {
   for (int i = 0; i < 8; ++i) r.v[i] = static_cast<float>(p[i]);
   return r;
 }
+inline void v_prefetch(const void*) {}
 inline V v_silu_mul(const V& g, const V& u) {
   V r;
   for (int i = 0; i < 8; ++i) r.v[i] = g.v[i] / (1.0f + std::exp(-g.v[i])) * u.v[i];
@@ -162,6 +163,7 @@ inline V v_exp(V x) {
   const __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
 }
+inline void v_prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 inline V v_silu_mul(V g, V u) {
   const V e = v_exp(_mm256_sub_ps(_mm256_setzero_ps(), g));
   return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);

@@ -11,10 +11,16 @@
 // Each loop broadcasts one input value and multiplies it with a vector of weights (no
 // horizontal sums), reading each block's weights once per tile of tokens, in address order.
 
+// Every loop over the CS x NT accumulators is unrolled (#pragma GCC unroll) so that GCC keeps
+// them in registers; rolled, it kept them on the stack.
+//
 // Up to this many tokens share one pass over a gate|up block (2 accumulators each) and a
 // down block (1 accumulator each); more tokens re-read the block from L2.
 constexpr int kGateUpTile = 4;
 constexpr int kDownTile = 8;
+// Software prefetch this far ahead in a block's stream: one core keeps more cache-line reads in
+// flight than the hardware prefetcher alone asks for (bf16 at T=1: ~15% faster on one thread).
+constexpr int64_t kPrefetchBytes = 1024;
 
 // Gate|up block b of one expert for the tokens `rows` (fp32 rows of x, h apart): writes
 // silu(gate) * up of the 8 columns of the block into hidden[r * ldh + 8b ..]. One token keeps two
@@ -24,14 +30,20 @@ inline void gate_up_tile(const W* block, int64_t h, const float* const* rows, fl
                          int64_t ldh) {
   constexpr int CS = NT == 1 ? 2 : 1;
   V g[CS][NT], u[CS][NT];
+#pragma GCC unroll 16
   for (int s = 0; s < CS; ++s) {
+#pragma GCC unroll 16
     for (int t = 0; t < NT; ++t) g[s][t] = u[s][t] = v_zero();
   }
   int64_t c = 0;
   for (; c + CS <= h; c += CS) {
+    // past the end of the block: harmless (a prefetch never faults)
+    v_prefetch(reinterpret_cast<const char*>(block + c * 16) + kPrefetchBytes);
+#pragma GCC unroll 16
     for (int s = 0; s < CS; ++s) {
       const W* w = block + (c + s) * 16;
       const V wg = v_load_w(w), wu = v_load_w(w + 8);
+#pragma GCC unroll 16
       for (int t = 0; t < NT; ++t) {
         const V xb = v_bcast(rows[t] + c + s);
         g[s][t] = v_fma(xb, wg, g[s][t]);
@@ -42,14 +54,17 @@ inline void gate_up_tile(const W* block, int64_t h, const float* const* rows, fl
   for (; c < h; ++c) {
     const W* w = block + c * 16;
     const V wg = v_load_w(w), wu = v_load_w(w + 8);
+#pragma GCC unroll 16
     for (int t = 0; t < NT; ++t) {
       const V xb = v_bcast(rows[t] + c);
       g[0][t] = v_fma(xb, wg, g[0][t]);
       u[0][t] = v_fma(xb, wu, u[0][t]);
     }
   }
+#pragma GCC unroll 16
   for (int t = 0; t < NT; ++t) {
     V gs = g[0][t], us = u[0][t];
+#pragma GCC unroll 16
     for (int s = 1; s < CS; ++s) {
       gs = v_add(gs, g[s][t]);
       us = v_add(us, u[s][t]);
@@ -82,18 +97,25 @@ inline void down_tile(const W* block, int64_t Ip, const float* hidden, const int
                       const float* scale, float* out) {
   constexpr int CS = NT == 1 ? 4 : (NT < 4 ? 2 : 1);
   V acc[CS][NT];
+#pragma GCC unroll 16
   for (int s = 0; s < CS; ++s) {
+#pragma GCC unroll 16
     for (int t = 0; t < NT; ++t) acc[s][t] = v_zero();
   }
   // Ip is a multiple of 8, so of CS.
   for (int64_t i = 0; i < Ip; i += CS) {
+    v_prefetch(reinterpret_cast<const char*>(block + i * 8) + kPrefetchBytes);
+#pragma GCC unroll 16
     for (int s = 0; s < CS; ++s) {
       const V w = v_load_w(block + (i + s) * 8);
+#pragma GCC unroll 16
       for (int t = 0; t < NT; ++t) acc[s][t] = v_fma(v_bcast(hidden + t * Ip + i + s), w, acc[s][t]);
     }
   }
+#pragma GCC unroll 16
   for (int t = 0; t < NT; ++t) {
     V sum = acc[0][t];
+#pragma GCC unroll 16
     for (int s = 1; s < CS; ++s) sum = v_add(sum, acc[s][t]);
     float* o = out + static_cast<int64_t>(tokens[t]) * 8;
     v_store(o, v_fma(v_set1(scale[t]), sum, v_load(o)));
