@@ -106,6 +106,27 @@ def decode_routed_experts(
     return ops.moe_decode(x, weights, expert_ids, packed, shared)
 
 
+def prepack(model: torch.nn.Module) -> int:
+    """Packs the weights of every MoE layer of ``model`` that can take the decode path (CPU,
+    a dtype the kernel reads) now rather than on its first decode step; returns how many layers.
+    For serving: loading a model, then prepack, keeps the packing out of the first request."""
+    from .layers import DeepSeekMoELayer, MLP, RoutedExperts, _plain_linear
+
+    n = 0
+    for layer in model.modules():
+        if type(layer) is not DeepSeekMoELayer or type(layer.experts) is not RoutedExperts:
+            continue
+        w = layer.experts.w_gate_up
+        if w.device.type != "cpu" or w.dtype not in _DECODE_DTYPES:
+            continue
+        packed_experts(w, layer.experts.w_down)
+        shared = layer.shared_experts
+        if type(shared) is MLP and all(_plain_linear(m) for m in (shared.gate_proj, shared.up_proj, shared.down_proj)):
+            packed_mlp(shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight)
+        n += 1
+    return n
+
+
 def applies(x: Tensor, tensors: Sequence[Tensor], training: bool) -> bool:
     """Whether a forward of ``x`` [T, h] over the weights ``tensors`` may take the decode path:
     enabled, eager (the compiler traces the plain ops), CPU, T <= DECODE_MAX_TOKENS, not
@@ -154,6 +175,7 @@ __all__ = [
     "packed_experts",
     "packed_mlp",
     "decode_routed_experts",
+    "prepack",
     "applies",
     "moe_layer_decode",
 ]

@@ -320,3 +320,19 @@ def test_bad_inputs(device):
         ids[0, 0] = -1
         with pytest.raises(RuntimeError, match="expert_ids\\[0, 0\\]=-1 is negative"):
             ops.moe_decode(x, w, ids, P(gu, dn))
+
+
+def test_cli_generate_random_reports_speed(capsys):
+    import json
+
+    from dsmoe.cli import main
+
+    argv = ["generate", "--random", "tiny", "--bf16", "--max-new-tokens", "4", "--batch", "2", "--prompt-tokens", "5", "--device", "cpu"]
+    assert main(argv) == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stats["batch"] == 2 and stats["new_tokens"] == 4 and stats["weights"] == "random"
+    assert stats["decode_path"] is True and stats["decode_tokens_per_s"] > 0 and stats["time_to_first_token_s"] > 0
+    cfg = get_preset("tiny")
+    assert stats["kv_cache_bytes_per_token"] == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+    assert main(["generate", "--random", "nope", "--device", "cpu"]) != 0
+    assert "unknown preset" in capsys.readouterr().err
