@@ -52,4 +52,15 @@ DSMOE_TORCH_LIBRARY(DSMOE_OPS_NAMESPACE, m) {
   m.def("swiglu(Tensor gate_up) -> Tensor");
   // d gate_up [M,2I] of swiglu; recomputes the activation.
   m.def("swiglu_backward(Tensor grad_out, Tensor gate_up) -> Tensor");
+  // Packs stacked expert weights once for moe_decode: w_gate_up [E,2I,h] -> [E,ceil(I/8),h,16]
+  // (per block of 8 intermediate rows, each input column's 8 gate and 8 up weights side by
+  // side), w_down [E,h,I] -> [E,ceil(h/8),8*ceil(I/8),8]; zeros pad the blocks.
+  m.def("pack_decode_weights(Tensor w_gate_up, Tensor w_down) -> (Tensor, Tensor)");
+  // Routed (+ shared) experts of a few tokens on packed weights, inference only:
+  // y [T,h] = sum_j weights[t,j] * expert_{expert_ids[t,j]}(x[t]) (+ shared(x[t]), the shared MLP
+  // packed as one expert), one pass over each selected expert's weights, fp32 accumulation,
+  // deterministic; ids >= E contribute zero.
+  m.def(
+      "moe_decode(Tensor x, Tensor weights, Tensor expert_ids, Tensor packed_gate_up, "
+      "Tensor packed_down, Tensor? shared_gate_up=None, Tensor? shared_down=None) -> Tensor");
 }

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops, reference
+from . import decode, ops, reference
 from ._ext import cpu_kernels, empty_huge_pages, huge_pages_enabled
 from .config import DeepSeekMoEConfig
 from .losses import DeviceBalanceLoss, LoadBalanceLoss
@@ -434,12 +434,15 @@ class DeepSeekMoELayer(nn.Module):
         # per-sequence statistics only matter for the seq_aux loss
         num_seqs = B if (wants_loss and self.seq_aux) else 1
         route = self.gate(x, num_seqs=num_seqs, impl=self.impl)
-        y = self.experts(x, route.weights, route.expert_ids, impl=self.impl)
-        if self.shared_experts is not None:
-            if self.impl == "reference":
-                y = y + self.shared_experts(x, dsmoe_kernels=False)  # the seeds' sum, plain PyTorch
-            else:
-                y = self.shared_experts(x, add_to=y)
+        # CPU inference on a few tokens: routed + shared experts in one pass over packed weights
+        y = decode.moe_layer_decode(self, x, route.weights, route.expert_ids) if self.impl == "dsmoe" else None
+        if y is None:
+            y = self.experts(x, route.weights, route.expert_ids, impl=self.impl)
+            if self.shared_experts is not None:
+                if self.impl == "reference":
+                    y = y + self.shared_experts(x, dsmoe_kernels=False)  # the seeds' sum, plain PyTorch
+                else:
+                    y = self.shared_experts(x, add_to=y)
         aux_loss = None
         if wants_loss:
             seq_len = (B * L) // num_seqs  # tokens per sequence of the statistics

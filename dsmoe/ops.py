@@ -87,6 +87,37 @@ def swiglu(gate_up: Tensor) -> Tensor:
     return _ops.swiglu(gate_up)
 
 
+class PackedDecodeWeights(NamedTuple):
+    gate_up: Tensor  # [E, ceil(I/8), h, 16]
+    down: Tensor  # [E, ceil(h/8), 8*ceil(I/8), 8]
+
+
+def pack_decode_weights(w_gate_up: Tensor, w_down: Tensor) -> PackedDecodeWeights:
+    """Stacked expert weights ``w_gate_up`` [E, 2I, h] (gate rows, then up rows) and ``w_down``
+    [E, h, I] in the layout :func:`moe_decode` streams: per block of 8 intermediate rows, each
+    input column's 8 gate and 8 up weights side by side; down as blocks of 8 output rows, column
+    by column. Zeros pad I and h to multiples of 8. fp32, bf16 or fp16 (kept). Made once per
+    weight (see :mod:`dsmoe.decode`, which caches it)."""
+    return PackedDecodeWeights(*_ops.pack_decode_weights(w_gate_up, w_down))
+
+
+def moe_decode(
+    x: Tensor,
+    weights: Tensor,
+    expert_ids: Tensor,
+    packed: PackedDecodeWeights,
+    shared: Optional[PackedDecodeWeights] = None,
+) -> Tensor:
+    """y[t] = sum_j weights[t, j] * expert_{expert_ids[t, j]}(x[t]) (+ shared(x[t])) for SwiGLU
+    experts on weights packed by :func:`pack_decode_weights` (``shared``: the shared MLP packed as
+    one expert, weight 1). For a few tokens (decode): one parallel pass over each selected
+    expert's weights, fp32 accumulation and intermediate, deterministic. ``x`` [T, h] in the
+    weights' dtype, ``weights`` [T, k], ``expert_ids`` [T, k] int32/int64 (ids >= E contribute
+    zero). Inference only: no gradient."""
+    sg, sd = (None, None) if shared is None else shared
+    return _ops.moe_decode(x, weights, expert_ids, packed[0], packed[1], sg, sd)
+
+
 # ---------------------------------------------------------------- fake kernels
 # They repeat the checks of csrc/op_checks.h with the same messages (shapes, dtypes and devices;
 # values are never read), so a bad call fails the same way eagerly, on 'meta' tensors and while
@@ -369,6 +400,72 @@ def _swiglu_backward_fake(grad_out, gate_up):
     return torch.empty_like(gate_up, memory_format=torch.contiguous_format)
 
 
+_DECODE_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@torch.library.register_fake("dsmoe::pack_decode_weights")
+def _pack_decode_weights_fake(w_gate_up, w_down):
+    op = "pack_decode_weights"
+    _check_dim(op, "w_gate_up", w_gate_up, 3, "[num_experts, 2 * intermediate, hidden]")
+    _check_dim(op, "w_down", w_down, 3, "[num_experts, hidden, intermediate]")
+    _check_dtype(op, "w_gate_up", w_gate_up, _DECODE_FLOATS)
+    _check_same_dtype(op, "w_down", w_down, "w_gate_up", w_gate_up)
+    E, two_i, h = w_gate_up.shape
+    torch._check(
+        two_i >= 2 and two_i % 2 == 0,
+        lambda: f"dsmoe.pack_decode_weights: w_gate_up.size(1) must be 2 * intermediate (even, >= 2), got shape {_shape(w_gate_up)}",
+    )
+    torch._check(h >= 1, lambda: f"dsmoe.pack_decode_weights: hidden must be >= 1, got shape {_shape(w_gate_up)}")
+    I = two_i // 2
+    _check_size(op, "w_down", w_down, 0, E, "num_experts of w_gate_up")
+    _check_size(op, "w_down", w_down, 1, h, "hidden = w_gate_up.size(2)")
+    _check_size(op, "w_down", w_down, 2, I, "intermediate = w_gate_up.size(1) / 2")
+    nb, nbh = (I + 7) // 8, (h + 7) // 8
+    return w_gate_up.new_empty((E, nb, h, 16)), w_down.new_empty((E, nbh, nb * 8, 8))
+
+
+def _check_packed_meta(op, gu_name, gu, down_name, down, x) -> None:
+    h = x.shape[1]
+    _check_dim(op, gu_name, gu, 4, "[num_experts, ceil(intermediate / 8), hidden, 16]")
+    _check_dim(op, down_name, down, 4, "[num_experts, ceil(hidden / 8), 8 * ceil(intermediate / 8), 8]")
+    _check_same_dtype(op, gu_name, gu, "x", x)
+    _check_same_dtype(op, down_name, down, "x", x)
+    _check_same_device(op, gu_name, gu, "x", x)
+    _check_same_device(op, down_name, down, "x", x)
+    _check_size(op, gu_name, gu, 2, h, "hidden = x.size(1)")
+    _check_size(op, gu_name, gu, 3, 16, "the packed block width (pack_decode_weights)")
+    _check_size(op, down_name, down, 0, gu.shape[0], "num_experts of the packed gate_up")
+    _check_size(op, down_name, down, 1, (h + 7) // 8, "ceil(hidden / 8)")
+    _check_size(op, down_name, down, 2, gu.shape[1] * 8, "8 * packed gate_up.size(1)")
+    _check_size(op, down_name, down, 3, 8, "the packed block width (pack_decode_weights)")
+
+
+@torch.library.register_fake("dsmoe::moe_decode")
+def _moe_decode_fake(x, weights, expert_ids, packed_gate_up, packed_down, shared_gate_up=None, shared_down=None):
+    op = "moe_decode"
+    _check_dim(op, "x", x, 2, "[num_tokens, hidden]")
+    _check_dtype(op, "x", x, _DECODE_FLOATS)
+    _check_dim(op, "weights", weights, 2, "[num_tokens, k]")
+    _check_float(op, "weights", weights)
+    _check_dim(op, "expert_ids", expert_ids, 2, "[num_tokens, k]")
+    _check_dtype(op, "expert_ids", expert_ids, (torch.int32, torch.int64))
+    _check_size(op, "weights", weights, 0, x.shape[0], "num_tokens of x")
+    _check_size(op, "expert_ids", expert_ids, 0, x.shape[0], "num_tokens of x")
+    _check_size(op, "expert_ids", expert_ids, 1, weights.shape[1], "k of weights")
+    _check_same_device(op, "weights", weights, "x", x)
+    _check_same_device(op, "expert_ids", expert_ids, "x", x)
+    torch._check(x.shape[1] >= 1, lambda: f"dsmoe.moe_decode: x must have hidden >= 1, got shape {_shape(x)}")
+    _check_packed_meta(op, "packed_gate_up", packed_gate_up, "packed_down", packed_down, x)
+    torch._check(
+        (shared_gate_up is None) == (shared_down is None),
+        lambda: "dsmoe.moe_decode: shared_gate_up and shared_down must be given together",
+    )
+    if shared_gate_up is not None:
+        _check_packed_meta(op, "shared_gate_up", shared_gate_up, "shared_down", shared_down, x)
+        _check_size(op, "shared_gate_up", shared_gate_up, 0, 1, "one shared expert (the shared MLP packed as E=1)")
+    return x.new_empty(x.shape)
+
+
 # ---------------------------------------------------------------- autograd
 # Every backward is itself built from dsmoe ops.
 
@@ -443,6 +540,23 @@ torch.library.register_autograd("dsmoe::unpermute", _unpermute_backward, setup_c
 torch.library.register_autograd("dsmoe::grouped_gemm", _grouped_gemm_backward, setup_context=_grouped_gemm_setup)
 torch.library.register_autograd("dsmoe::swiglu", _swiglu_backward, setup_context=_swiglu_setup)
 
+
+def _inference_only(op: str):
+    def setup_context(ctx, inputs, output):
+        raise RuntimeError(
+            f"dsmoe.{op} is inference-only (no gradient); run it under torch.no_grad() or with inputs "
+            "that do not require grad, or use the differentiable ops (permute, grouped_gemm, swiglu, unpermute)"
+        )
+
+    def backward(ctx, *grads):  # never reached: setup_context refuses
+        raise RuntimeError(f"dsmoe.{op} is inference-only")
+
+    torch.library.register_autograd(f"dsmoe::{op}", backward, setup_context=setup_context)
+
+
+_inference_only("pack_decode_weights")
+_inference_only("moe_decode")
+
 __all__ = [
     "GateOutput",
     "PermuteOutput",
@@ -452,4 +566,7 @@ __all__ = [
     "grouped_gemm",
     "grouped_gemm_wgrad",
     "swiglu",
+    "PackedDecodeWeights",
+    "pack_decode_weights",
+    "moe_decode",
 ]

@@ -50,7 +50,7 @@ const std::vector<std::string> kTimedOps = {
     "dsmoe::gate",         "dsmoe::gate_backward",     "dsmoe::permute",
     "dsmoe::permute_backward", "dsmoe::unpermute",     "dsmoe::unpermute_backward",
     "dsmoe::grouped_gemm", "dsmoe::grouped_gemm_wgrad", "dsmoe::swiglu",
-    "dsmoe::swiglu_backward"};
+    "dsmoe::swiglu_backward", "dsmoe::pack_decode_weights", "dsmoe::moe_decode"};
 
 template <class Signature>
 c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
@@ -86,6 +86,12 @@ struct Ops {
       op_handle<Tensor(const Tensor&)>("dsmoe::swiglu");
   c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&)> swiglu_backward =
       op_handle<Tensor(const Tensor&, const Tensor&)>("dsmoe::swiglu_backward");
+  c10::TypedOperatorHandle<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&)> pack_decode_weights =
+      op_handle<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&)>("dsmoe::pack_decode_weights");
+  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                  const std::optional<Tensor>&, const std::optional<Tensor>&)>
+      moe_decode = op_handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                    const std::optional<Tensor>&, const std::optional<Tensor>&)>("dsmoe::moe_decode");
 };
 
 // ---- command line ----------------------------------------------------------------------------
@@ -381,6 +387,16 @@ void bench_layer(const Ops& ops, const Shape& s, at::ScalarType dtype, c10::Devi
       [&] { ops.permute_backward.call(grad_x_perm, row_map, k); });
   run("dsmoe::gate_backward", "bwd", 0, 2.0 * T * E * es + T * k * (4 + idx) + E * 4.0,
       [&] { ops.gate_backward.call(grad_weights, grad_score_sums, logits, expert_ids, false, 1); });
+  // The CPU decode path (inference, fp32/bf16/fp16): routed experts on weights packed once.
+  if (device == c10::DeviceType::CPU && dtype != at::kDouble) {
+    const double weight_bytes = E * 3.0 * I * h * es;
+    run("dsmoe::pack_decode_weights", "pack", 0, 2 * weight_bytes,
+        [&] { ops.pack_decode_weights.call(w_gate_up, w_down); });
+    auto [packed_gate_up, packed_down] = ops.pack_decode_weights.call(w_gate_up, w_down);
+    run("dsmoe::moe_decode", "fwd", gemm_up + gemm_down, weight_bytes + 2.0 * T * h * es, [&] {
+      ops.moe_decode.call(x, weights, expert_ids, packed_gate_up, packed_down, std::nullopt, std::nullopt);
+    });
+  }
 
   auto forward = [&] {
     auto [w, ids, counts, sums] = ops.gate.call(logits, k, false, std::nullopt, 1);

@@ -1,9 +1,12 @@
 """`dsmoe generate`: loads a checkpoint of the Hugging Face deepseek-moe layout (one `dsmoe
-train` wrote, or a released one with its tokenizer.json) and streams a continuation."""
+train` wrote, or a released one with its tokenizer.json) and streams a continuation. With
+``--random PRESET`` it measures generation speed instead, on a preset with random weights."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from typing import TextIO
 
 import torch
@@ -14,7 +17,13 @@ from .models import load_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (config.json + safetensors)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="DIR", help="checkpoint directory (config.json + safetensors)")
+    src.add_argument("--random", metavar="PRESET", default=None,
+                     help="measure speed on a preset (2b, 16b, tiny, ...) with RANDOM weights and random prompt "
+                          "tokens: time to first token, decode tokens/s, KV cache per token (greedy, no text)")
+    p.add_argument("--batch", type=int, default=1, help="with --random: sequences generated together (default 1)")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="with --random: prompt length (default 32)")
     p.add_argument("--prompt", default=None, help="text to continue (default: the tokenizer's start token, or a newline)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy (default 0.8)")
@@ -79,9 +88,72 @@ def stream(model, tokenizer, prompt: str, max_new_tokens: int, temperature: floa
     return new_ids
 
 
+def random_model(preset: str, dtype: torch.dtype | None, impl: str, seed: int):
+    """The preset with random weights (normal(0, initializer_range), as a fresh model), built
+    directly in ``dtype``, in eval mode."""
+    from dsmoe import get_preset
+    from dsmoe.model import DeepSeekMoEForCausalLM
+
+    try:
+        config = get_preset(preset)
+    except ValueError as e:
+        raise CLIError(f"--random: {e}") from None
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or torch.float32)  # no fp32 copy of a bf16 model
+    try:
+        model = DeepSeekMoEForCausalLM(config, moe_impl=impl)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def measure(model, batch: int, prompt_tokens: int, new_tokens: int, seed: int) -> dict:
+    """Greedy generation of ``new_tokens`` after random prompts [batch, prompt_tokens]: time to
+    first token (prefill + first pick), decode tokens/s (all rows, after the first token), KV
+    cache bytes per token."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (batch, prompt_tokens), generator=g)
+    stamps: list[float] = []
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                   streamer=lambda _: stamps.append(time.perf_counter()))
+    elem = next(model.parameters()).element_size()
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
+    out = dict(batch=batch, prompt_tokens=prompt_tokens, new_tokens=len(stamps),
+               time_to_first_token_s=stamps[0] - t0 if stamps else None,
+               kv_cache_bytes_per_token=kv_per_token, threads=torch.get_num_threads(),
+               dtype=str(next(model.parameters()).dtype).replace("torch.", ""))
+    if len(stamps) > 1:
+        out["decode_tokens_per_s"] = batch * (len(stamps) - 1) / (stamps[-1] - stamps[0])
+        out["decode_step_ms"] = 1e3 * (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    return out
+
+
 def run(ns: argparse.Namespace) -> int:
+    from dsmoe import decode
+
     if ns.max_new_tokens < 0:
         raise CLIError(f"--max-new-tokens must be >= 0, got {ns.max_new_tokens}")
+    if ns.random is not None:
+        if ns.batch < 1:
+            raise CLIError(f"--batch must be >= 1, got {ns.batch}")
+        if ns.prompt_tokens < 1:
+            raise CLIError(f"--prompt-tokens must be >= 1, got {ns.prompt_tokens}")
+        check_seed("--seed", ns.seed)
+        device = pick_device(ns.device)
+        if device.type != "cpu":
+            raise CLIError("--random measures on the CPU only; use --device cpu")
+        model = random_model(ns.random, torch.bfloat16 if ns.bf16 else None, ns.impl, ns.seed)
+        t0 = time.perf_counter()
+        packed = decode.prepack(model) if decode.enabled() and ns.impl == "dsmoe" else 0
+        prepack_s = time.perf_counter() - t0
+        stats = measure(model, ns.batch, ns.prompt_tokens, ns.max_new_tokens, ns.seed)
+        stats.update(preset=ns.random, impl=ns.impl, weights="random", decode_path=bool(packed),
+                     prepack_s=prepack_s)
+        print(json.dumps(stats))
+        return 0
     check_number("--temperature", ns.temperature)
     if ns.top_k is not None and ns.top_k < 0:
         raise CLIError(f"--top-k must be >= 0, got {ns.top_k}")
@@ -91,6 +163,8 @@ def run(ns: argparse.Namespace) -> int:
     check_text("--prompt", ns.prompt)
     device = pick_device(ns.device)
     model = load_model(ns.model, device, dtype=torch.bfloat16 if ns.bf16 else None, impl=ns.impl)
+    if decode.enabled() and ns.impl == "dsmoe":
+        decode.prepack(model)  # the packed decode weights now, not in the first token's time
     cfg = model.config
     tokenizer = load_tokenizer(ns.model, cfg.vocab_size, bos_id=cfg.bos_token_id, eos_id=cfg.eos_token_id)
     prompt = ns.prompt

@@ -1,0 +1,151 @@
+// The inner loops of moe_decode (csrc/cpu/moe_decode.cpp), written once against an 8-lane fp32
+// vector type `V` that the including file defines: included once for AVX2+FMA+F16C (inside a
+// `#pragma GCC target` region, V = __m256) and once for the baseline ISA (V = 8 floats in a
+// struct, which the compiler vectorises with SSE2). Everything lands in the namespace the
+// includer opened, so the two builds never mix.
+//
+// Packed layouts (moe_decode.cpp's pack_decode_weights):
+//   gate_up [nb][h][16]: block b, column c holds gate rows 8b..8b+7 (lanes 0..7) and up rows
+//     8b..8b+7 (lanes 8..15) of column c; rows past I are zeros.
+//   down [nbh][Ip][8]: block b, column i holds rows 8b..8b+7 of down's column i; Ip = 8 * nb.
+// Each loop broadcasts one input value and multiplies it with a vector of weights (no
+// horizontal sums), reading each block's weights once per tile of tokens, in address order.
+
+// Every loop over the CS x NT accumulators is unrolled (#pragma GCC unroll) so that GCC keeps
+// them in registers; rolled, it kept them on the stack.
+//
+// Up to this many tokens share one pass over a gate|up block (2 accumulators each) and a
+// down block (1 accumulator each); more tokens re-read the block from L2.
+constexpr int kGateUpTile = 4;
+constexpr int kDownTile = 8;
+// Software prefetch this far ahead in a block's stream: one core keeps more cache-line reads in
+// flight than the hardware prefetcher alone asks for (bf16 at T=1: ~15% faster on one thread).
+constexpr int64_t kPrefetchBytes = 1024;
+
+// Gate|up block b of one expert for the tokens `rows` (fp32 rows of x, h apart): writes
+// silu(gate) * up of the 8 columns of the block into hidden[r * ldh + 8b ..]. One token keeps two
+// chains per accumulator (even and odd columns) so that the FMA latency does not bound it.
+template <typename W, int NT>
+inline void gate_up_tile(const W* block, int64_t h, const float* const* rows, float* hidden,
+                         int64_t ldh) {
+  constexpr int CS = NT == 1 ? 2 : 1;
+  V g[CS][NT], u[CS][NT];
+#pragma GCC unroll 16
+  for (int s = 0; s < CS; ++s) {
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; ++t) g[s][t] = u[s][t] = v_zero();
+  }
+  int64_t c = 0;
+  for (; c + CS <= h; c += CS) {
+    // past the end of the block: harmless (a prefetch never faults)
+    v_prefetch(reinterpret_cast<const char*>(block + c * 16) + kPrefetchBytes);
+#pragma GCC unroll 16
+    for (int s = 0; s < CS; ++s) {
+      const W* w = block + (c + s) * 16;
+      const V wg = v_load_w(w), wu = v_load_w(w + 8);
+#pragma GCC unroll 16
+      for (int t = 0; t < NT; ++t) {
+        const V xb = v_bcast(rows[t] + c + s);
+        g[s][t] = v_fma(xb, wg, g[s][t]);
+        u[s][t] = v_fma(xb, wu, u[s][t]);
+      }
+    }
+  }
+  for (; c < h; ++c) {
+    const W* w = block + c * 16;
+    const V wg = v_load_w(w), wu = v_load_w(w + 8);
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; ++t) {
+      const V xb = v_bcast(rows[t] + c);
+      g[0][t] = v_fma(xb, wg, g[0][t]);
+      u[0][t] = v_fma(xb, wu, u[0][t]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int t = 0; t < NT; ++t) {
+    V gs = g[0][t], us = u[0][t];
+#pragma GCC unroll 16
+    for (int s = 1; s < CS; ++s) {
+      gs = v_add(gs, g[s][t]);
+      us = v_add(us, u[s][t]);
+    }
+    v_store(hidden + t * ldh, v_silu_mul(gs, us));
+  }
+}
+
+template <typename W>
+void gate_up_block(const W* block, int64_t h, const float* const* rows, int64_t n, float* hidden,
+                   int64_t ldh) {
+  for (int64_t t0 = 0; t0 < n; t0 += kGateUpTile) {
+    const float* const* r = rows + t0;
+    float* o = hidden + t0 * ldh;
+    switch (std::min<int64_t>(kGateUpTile, n - t0)) {
+      case 1: gate_up_tile<W, 1>(block, h, r, o, ldh); break;
+      case 2: gate_up_tile<W, 2>(block, h, r, o, ldh); break;
+      case 3: gate_up_tile<W, 3>(block, h, r, o, ldh); break;
+      default: gate_up_tile<W, 4>(block, h, r, o, ldh); break;
+    }
+  }
+}
+
+// Down block of one expert for NT hidden rows (fp32, Ip apart and long):
+// out[tokens[t]][0..8) += scale[t] * (hidden[t] . down rows 8b..8b+7), in t order (a token that
+// chose the expert twice is added twice). Fewer than four tokens split the columns over several
+// chains.
+template <typename W, int NT>
+inline void down_tile(const W* block, int64_t Ip, const float* hidden, const int32_t* tokens,
+                      const float* scale, float* out) {
+  constexpr int CS = NT == 1 ? 4 : (NT < 4 ? 2 : 1);
+  V acc[CS][NT];
+#pragma GCC unroll 16
+  for (int s = 0; s < CS; ++s) {
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; ++t) acc[s][t] = v_zero();
+  }
+  // Ip is a multiple of 8, so of CS.
+  for (int64_t i = 0; i < Ip; i += CS) {
+    v_prefetch(reinterpret_cast<const char*>(block + i * 8) + kPrefetchBytes);
+#pragma GCC unroll 16
+    for (int s = 0; s < CS; ++s) {
+      const V w = v_load_w(block + (i + s) * 8);
+#pragma GCC unroll 16
+      for (int t = 0; t < NT; ++t) acc[s][t] = v_fma(v_bcast(hidden + t * Ip + i + s), w, acc[s][t]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int t = 0; t < NT; ++t) {
+    V sum = acc[0][t];
+#pragma GCC unroll 16
+    for (int s = 1; s < CS; ++s) sum = v_add(sum, acc[s][t]);
+    float* o = out + static_cast<int64_t>(tokens[t]) * 8;
+    v_store(o, v_fma(v_set1(scale[t]), sum, v_load(o)));
+  }
+}
+
+// The n rows of one expert (tokens[t], scale[t], hidden row t), out [num_tokens][8].
+template <typename W>
+void down_block(const W* block, int64_t Ip, const float* hidden, int64_t n, const int32_t* tokens,
+                const float* scale, float* out) {
+  for (int64_t t0 = 0; t0 < n; t0 += kDownTile) {
+    const float* hd = hidden + t0 * Ip;
+    const int32_t* tk = tokens + t0;
+    const float* sc = scale + t0;
+    float* o = out;
+    switch (std::min<int64_t>(kDownTile, n - t0)) {
+      case 1: down_tile<W, 1>(block, Ip, hd, tk, sc, o); break;
+      case 2: down_tile<W, 2>(block, Ip, hd, tk, sc, o); break;
+      case 3: down_tile<W, 3>(block, Ip, hd, tk, sc, o); break;
+      case 4: down_tile<W, 4>(block, Ip, hd, tk, sc, o); break;
+      case 5: down_tile<W, 5>(block, Ip, hd, tk, sc, o); break;
+      case 6: down_tile<W, 6>(block, Ip, hd, tk, sc, o); break;
+      case 7: down_tile<W, 7>(block, Ip, hd, tk, sc, o); break;
+      default: down_tile<W, 8>(block, Ip, hd, tk, sc, o); break;
+    }
+  }
+}
+
+inline void fill_decode_kernels(AllDecodeKernels& out) {
+  out.f32 = DecodeKernels<float>{&gate_up_block<float>, &down_block<float>};
+  out.bf16 = DecodeKernels<c10::BFloat16>{&gate_up_block<c10::BFloat16>, &down_block<c10::BFloat16>};
+  out.f16 = DecodeKernels<c10::Half>{&gate_up_block<c10::Half>, &down_block<c10::Half>};
+}

@@ -1,0 +1,338 @@
+"""The CPU decode path (dsmoe.ops.pack_decode_weights / moe_decode, dsmoe.decode): equal to a plain
+PyTorch loop over tokens and experts (computed in fp64) at every decode size, dtype and expert
+count, with empty and repeated experts; the packed-weight cache follows weight changes; the MoE
+layer and generate() give what the plain path gives; opcheck, torch.compile and bad inputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+from dsmoe import DeepSeekMoEForCausalLM, KVCache, decode, get_preset, ops
+from dsmoe.layers import DeepSeekMoELayer
+
+TOKENS = (1, 2, 3, 4, 7, 16, 33, 64)
+# (rtol, atol) against the fp64 reference: the kernel accumulates in fp32 and rounds the output
+# once to the dtype
+TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (1.6e-2, 2e-3), torch.float16: (2e-3, 2e-4)}
+
+
+def reference_moe(x, weights, expert_ids, w_gate_up, w_down, shared=None):
+    """Token by token, expert by expert, in fp64 (ids >= E contribute zero)."""
+    E, two_i, _ = w_gate_up.shape
+    I = two_i // 2
+    xd, wd = x.double(), weights.double()
+    y = torch.zeros_like(xd)
+    for t in range(x.shape[0]):
+        for j in range(expert_ids.shape[1]):
+            e = int(expert_ids[t, j])
+            if e >= E:
+                continue
+            gu = w_gate_up[e].double() @ xd[t]
+            y[t] += wd[t, j] * (w_down[e].double() @ (F.silu(gu[:I]) * gu[I:]))
+    if shared is not None:
+        wg, wu, wdn = (w.double() for w in shared)
+        y += (F.silu(xd @ wg.t()) * (xd @ wu.t())) @ wdn.t()
+    return y
+
+
+def make_problem(T, h, I, E, k, dtype, shared_i=0, ids=None):
+    x = torch.randn(T, h).to(dtype)
+    w_gate_up = (torch.randn(E, 2 * I, h) * 0.2).to(dtype)
+    w_down = (torch.randn(E, h, I) * 0.2).to(dtype)
+    if ids is None:
+        ids = torch.stack([torch.randperm(E)[: min(k, E)] for _ in range(T)]) if E >= k else torch.randint(0, E, (T, k))
+    weights = torch.rand(T, ids.shape[1])
+    shared = None
+    if shared_i:
+        shared = tuple((torch.randn(*s) * 0.2).to(dtype) for s in ((shared_i, h), (shared_i, h), (h, shared_i)))
+    return x, weights, ids.int(), w_gate_up, w_down, shared
+
+
+def run_decode(x, weights, ids, w_gate_up, w_down, shared=None):
+    packed = ops.pack_decode_weights(w_gate_up, w_down)
+    sp = None
+    if shared is not None:
+        sp = ops.pack_decode_weights(torch.cat(shared[:2]).unsqueeze(0), shared[2].unsqueeze(0))
+    return ops.moe_decode(x, weights, ids, packed, sp)
+
+
+def check(y, expected, dtype):
+    rtol, atol = TOL[dtype]
+    scale = expected.abs().max().item() or 1.0
+    torch.testing.assert_close(y.double(), expected, rtol=rtol, atol=atol * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("E,k", [(1, 1), (63, 7), (64, 6)])
+@pytest.mark.parametrize("h,I", [(40, 24), (37, 19)])
+@pytest.mark.parametrize("T", TOKENS)
+def test_matches_reference(T, h, I, E, k, dtype):
+    x, w, ids, wgu, wd, shared = make_problem(T, h, I, E, k, dtype, shared_i=2 * I if E > 1 else 0)
+    y = run_decode(x, w, ids, wgu, wd, shared)
+    assert y.shape == x.shape and y.dtype == dtype
+    check(y, reference_moe(x, w, ids, wgu, wd, shared), dtype)
+
+
+@pytest.mark.parametrize("T", [1, 5, 64])
+def test_fp16_and_int64_ids(T):
+    x, w, ids, wgu, wd, shared = make_problem(T, 48, 32, 16, 4, torch.float16, shared_i=20)
+    y = run_decode(x, w, ids.long(), wgu, wd, shared)
+    check(y, reference_moe(x, w, ids, wgu, wd, shared), torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_expert_for_every_token_and_repeats(dtype):
+    # every token picks expert 5 (twice: the same expert in two slots), the rest are empty
+    T, E = 33, 64
+    ids = torch.full((T, 3), 5)
+    ids[:, 2] = torch.arange(T) % 2  # two more experts, each shared by many tokens
+    x, w, ids, wgu, wd, _ = make_problem(T, 40, 24, E, 3, dtype, ids=ids)
+    check(run_decode(x, w, ids, wgu, wd), reference_moe(x, w, ids, wgu, wd), dtype)
+
+
+def test_dropped_ids_and_shared_only():
+    x, w, ids, wgu, wd, shared = make_problem(4, 40, 24, 8, 2, torch.float32, shared_i=16)
+    ids[0, 0] = 8  # ids >= E: rows another rank owns, contribute zero
+    ids[1] = 100
+    check(run_decode(x, w, ids, wgu, wd, shared), reference_moe(x, w, ids, wgu, wd, shared), torch.float32)
+    ids[:] = 8  # nothing routed here: only the shared experts
+    check(run_decode(x, w, ids, wgu, wd, shared), reference_moe(x, w, ids, wgu, wd, shared), torch.float32)
+    assert torch.equal(run_decode(x, w, ids, wgu, wd), torch.zeros_like(x))
+
+
+def test_zero_tokens_and_k_zero():
+    x, w, ids, wgu, wd, shared = make_problem(3, 16, 8, 4, 2, torch.float32, shared_i=8)
+    y = run_decode(x[:0], w[:0], ids[:0], wgu, wd, shared)
+    assert y.shape == (0, 16)
+    y = run_decode(x, w[:, :0], ids[:, :0], wgu, wd, shared)
+    check(y, reference_moe(x, w[:, :0], ids[:, :0], wgu, wd, shared), torch.float32)
+
+
+def test_deterministic_across_thread_counts():
+    x, w, ids, wgu, wd, shared = make_problem(16, 72, 40, 16, 4, torch.float32, shared_i=24)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_decode(x, w, ids, wgu, wd, shared)
+        torch.set_num_threads(max(2, n))
+        many = [run_decode(x, w, ids, wgu, wd, shared) for _ in range(3)]
+    finally:
+        torch.set_num_threads(n)
+    for y in many:
+        assert torch.equal(y, one)
+
+
+def test_packed_layout():
+    E, I, h = 3, 11, 10  # neither a multiple of 8: zero padding
+    wgu, wd = torch.randn(E, 2 * I, h), torch.randn(E, h, I)
+    gu, dn = ops.pack_decode_weights(wgu, wd)
+    assert gu.shape == (E, 2, h, 16) and dn.shape == (E, 2, 16, 8)
+    for e, b, c, lane in [(0, 0, 0, 0), (2, 1, 9, 2), (1, 0, 3, 7), (1, 1, 4, 10), (2, 0, 7, 15)]:
+        row = 8 * b + lane % 8
+        expected = wgu[e, row + (I if lane >= 8 else 0), c]
+        assert gu[e, b, c, lane] == expected
+    assert (gu[:, 1, :, 3:8] == 0).all() and (gu[:, 1, :, 11:] == 0).all()  # rows 11..15 of I
+    for e, b, i, lane in [(0, 0, 0, 0), (2, 1, 10, 1), (1, 0, 5, 7)]:
+        assert dn[e, b, i, lane] == wd[e, 8 * b + lane, i]
+    assert (dn[:, :, I:, :] == 0).all() and (dn[:, 1, :, 2:] == 0).all()
+
+
+# ---------------------------------------------------------------- the cache
+
+
+def test_cache_follows_weight_changes():
+    layer = torch.nn.Module()
+    layer.w_gate_up = torch.nn.Parameter(torch.randn(4, 16, 8))
+    layer.w_down = torch.nn.Parameter(torch.randn(4, 8, 8))
+    p1 = decode.packed_experts(layer.w_gate_up, layer.w_down)
+    assert decode.packed_experts(layer.w_gate_up, layer.w_down) is p1  # made once
+    x, w, ids = torch.randn(2, 8), torch.rand(2, 2), torch.tensor([[0, 1], [2, 3]])
+
+    def out():
+        with torch.no_grad():
+            return decode.decode_routed_experts(x, w, ids, layer.w_gate_up, layer.w_down)
+
+    def expected():
+        return reference_moe(x, w, ids, layer.w_gate_up.detach(), layer.w_down.detach())
+
+    with torch.no_grad():
+        layer.w_down.copy_(torch.randn(4, 8, 8))  # in place: the version counter moves
+    assert decode.packed_experts(layer.w_gate_up, layer.w_down) is not p1
+    check(out(), expected(), torch.float32)
+    layer.load_state_dict({"w_gate_up": torch.randn(4, 16, 8), "w_down": torch.randn(4, 8, 8)})
+    check(out(), expected(), torch.float32)
+    layer.to(torch.bfloat16)  # new storage and dtype
+    x = x.bfloat16()
+    check(out(), expected(), torch.bfloat16)
+    decode.clear_cache()
+    check(out(), expected(), torch.bfloat16)
+
+
+# ---------------------------------------------------------------- the model
+
+
+def moe_config(num_hidden_layers=2):
+    return get_preset("tiny", num_hidden_layers=num_hidden_layers).replace(initializer_range=0.2)
+
+
+def count_decode_calls(monkeypatch):
+    calls = []
+    real = ops.moe_decode
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "moe_decode", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_takes_decode_path_and_matches(dtype, monkeypatch):
+    cfg = moe_config()
+    layer = DeepSeekMoELayer(cfg).to(dtype).eval()
+    calls = count_decode_calls(monkeypatch)
+    for L in (1, 3):
+        x = torch.randn(2, L, cfg.hidden_size).to(dtype)
+        with torch.no_grad():
+            fast = layer(x).hidden_states
+            monkeypatch.setenv("DSMOE_CPU_DECODE", "0")
+            plain = layer(x).hidden_states
+            monkeypatch.delenv("DSMOE_CPU_DECODE")
+        rtol, atol = TOL[dtype]
+        scale = plain.abs().max().item()
+        # the plain path rounds the intermediate and each expert's output to the dtype
+        torch.testing.assert_close(fast.float(), plain.float(), rtol=2 * rtol, atol=4 * atol * scale)
+    assert calls == [2, 6]
+
+
+def test_layer_keeps_plain_path_for_training_grad_and_many_tokens(monkeypatch):
+    cfg = moe_config()
+    layer = DeepSeekMoELayer(cfg)
+    calls = count_decode_calls(monkeypatch)
+    x = torch.randn(1, 2, cfg.hidden_size)
+    layer.train()
+    layer(x)
+    layer.eval()
+    layer(x)  # grad enabled and the weights require grad
+    with torch.no_grad():
+        layer(torch.randn(1, decode.DECODE_MAX_TOKENS + 1, cfg.hidden_size))
+        layer.double()(x.double())  # no fp64 kernel
+    assert calls == []
+    with torch.no_grad():
+        layer.float()(x)
+    assert calls == [2]
+
+
+def test_generate_greedy_same_tokens(monkeypatch):
+    model = DeepSeekMoEForCausalLM(moe_config(num_hidden_layers=3)).float().eval()
+    ids = torch.randint(0, 64, (2, 5))
+    calls = count_decode_calls(monkeypatch)
+    fast = model.generate(ids, max_new_tokens=10)
+    assert calls, "generate did not take the decode path"
+    monkeypatch.setenv("DSMOE_CPU_DECODE", "0")
+    plain = model.generate(ids, max_new_tokens=10)
+    assert torch.equal(fast, plain)
+
+
+def test_bf16_cached_decode_logits_match(monkeypatch):
+    # In bf16 the plain path rounds each expert's intermediate and output to bf16 and the decode
+    # path does not, so greedy runs may part at a near-tie: compare the logits of a teacher-forced
+    # cached decode step by step instead.
+    model = DeepSeekMoEForCausalLM(moe_config(num_hidden_layers=3)).bfloat16().eval()
+    ids = torch.randint(0, 64, (2, 9))
+
+    def logits_by_step():
+        cache = KVCache.dynamic(model.config)
+        with torch.no_grad():
+            out = [model(ids[:, :5], past_key_values=cache, use_cache=True)["logits"][:, -1]]
+            out += [model(ids[:, t : t + 1], past_key_values=cache)["logits"][:, -1] for t in range(5, 9)]
+        return torch.stack(out).float()
+
+    calls = count_decode_calls(monkeypatch)
+    fast = logits_by_step()
+    assert calls == [10] * 2 + [2] * 8  # 2 MoE layers (the first is dense), prompt then 4 steps
+    monkeypatch.setenv("DSMOE_CPU_DECODE", "0")
+    plain = logits_by_step()
+    torch.testing.assert_close(fast, plain, rtol=0.05, atol=0.05 * plain.abs().max().item())
+
+
+# ---------------------------------------------------------------- ops: opcheck, compile, errors
+
+
+def test_opcheck():
+    x, w, ids, wgu, wd, shared = make_problem(3, 24, 16, 5, 2, torch.float32, shared_i=8)
+    opcheck(torch.ops.dsmoe.pack_decode_weights.default, (wgu, wd))
+    packed = ops.pack_decode_weights(wgu, wd)
+    sp = ops.pack_decode_weights(torch.cat(shared[:2]).unsqueeze(0), shared[2].unsqueeze(0))
+    opcheck(torch.ops.dsmoe.moe_decode.default, (x, w, ids, packed.gate_up, packed.down, sp.gate_up, sp.down))
+    opcheck(torch.ops.dsmoe.moe_decode.default, (x.bfloat16(), w, ids.long(), packed.gate_up.bfloat16(), packed.down.bfloat16()))
+
+
+def test_torch_compile():
+    x, w, ids, wgu, wd, shared = make_problem(4, 32, 16, 6, 2, torch.float32, shared_i=16)
+    packed = ops.pack_decode_weights(wgu, wd)
+    sp = ops.pack_decode_weights(torch.cat(shared[:2]).unsqueeze(0), shared[2].unsqueeze(0))
+
+    def f(x, w, ids, gu, dn, sgu, sdn):
+        return ops.moe_decode(x * 2, w, ids, ops.PackedDecodeWeights(gu, dn), ops.PackedDecodeWeights(sgu, sdn)) + 1
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    args = (x, w, ids, packed.gate_up, packed.down, sp.gate_up, sp.down)
+    torch.testing.assert_close(compiled(*args), f(*args))
+
+
+def test_inference_only():
+    x, w, ids, wgu, wd, _ = make_problem(2, 16, 8, 4, 2, torch.float32)
+    packed = ops.pack_decode_weights(wgu, wd)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        ops.moe_decode(x.requires_grad_(), w, ids, packed)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        ops.pack_decode_weights(wgu.requires_grad_(), wd)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_inputs(device):
+    x, w, ids, wgu, wd, _ = make_problem(2, 16, 8, 4, 2, torch.float32)
+    gu, dn = ops.pack_decode_weights(wgu, wd)
+    x, w, ids, wgu, wd, gu, dn = (t.to(device) for t in (x, w, ids, wgu, wd, gu, dn))
+    P = ops.PackedDecodeWeights
+    cases = [
+        (lambda: ops.pack_decode_weights(wgu[:, :7], wd), "w_gate_up.size\\(1\\) must be 2 \\* intermediate"),
+        (lambda: ops.pack_decode_weights(wgu, wd[:, :, :5]), "w_down.size\\(2\\) must be 8"),
+        (lambda: ops.pack_decode_weights(wgu.double(), wd.double()), "w_gate_up must have dtype"),
+        (lambda: ops.pack_decode_weights(wgu, wd.bfloat16()), "w_down must have the dtype of w_gate_up"),
+        (lambda: ops.moe_decode(x.bfloat16(), w, ids, P(gu, dn)), "packed_gate_up must have the dtype of x"),
+        (lambda: ops.moe_decode(x[:, :8], w, ids, P(gu, dn)), "packed_gate_up.size\\(2\\) must be 8"),
+        (lambda: ops.moe_decode(x, w[:1], ids, P(gu, dn)), "weights.size\\(0\\) must be 2"),
+        (lambda: ops.moe_decode(x, w, ids.float(), P(gu, dn)), "expert_ids must have dtype"),
+        (lambda: ops.moe_decode(x, w, ids, P(gu, dn[:, :, :4])), "packed_down.size\\(2\\) must be 8"),
+        (lambda: ops.moe_decode(x, w, ids, P(gu, dn[:3])), "packed_down.size\\(0\\) must be 4"),
+        (lambda: ops.moe_decode(x, w, ids, P(gu, dn), P(gu, dn)), "shared_gate_up.size\\(0\\) must be 1"),
+        (lambda: torch.ops.dsmoe.moe_decode(x, w, ids, gu, dn, gu[:1], None), "must be given together"),
+    ]
+    for call, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            call()
+    if device == "cpu":
+        ids[0, 0] = -1
+        with pytest.raises(RuntimeError, match="expert_ids\\[0, 0\\]=-1 is negative"):
+            ops.moe_decode(x, w, ids, P(gu, dn))
+
+
+def test_cli_generate_random_reports_speed(capsys):
+    import json
+
+    from dsmoe.cli import main
+
+    argv = ["generate", "--random", "tiny", "--bf16", "--max-new-tokens", "4", "--batch", "2", "--prompt-tokens", "5", "--device", "cpu"]
+    assert main(argv) == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stats["batch"] == 2 and stats["new_tokens"] == 4 and stats["weights"] == "random"
+    assert stats["decode_path"] is True and stats["decode_tokens_per_s"] > 0 and stats["time_to_first_token_s"] > 0
+    cfg = get_preset("tiny")
+    assert stats["kv_cache_bytes_per_token"] == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+    assert main(["generate", "--random", "nope", "--device", "cpu"]) != 0
+    assert "unknown preset" in capsys.readouterr().err
