@@ -168,10 +168,8 @@ def sanitize(dtypes) -> None:
     if has("dsmoe::grouped_gemm", "CUDA"):
         # Every path (the default -- sm90a on Hopper --, the sm80 kernels, the CUDA-core one) in
         # bf16/fp16 (fp32 takes the CUDA-core path), at E = 8, 32, 128 and 256 with empty experts.
-        import os
-
         for path in ("auto", "sm80", "simt"):
-            os.environ["DSMOE_GROUPED_GEMM_PATH"] = path
+            dsmoe.set_backend(cuda_gemm_path=path)
             for dt in (torch.bfloat16, torch.float16, torch.float32):
                 for E in (8, 32, 128, 256):
                     K, N = 64, 128
@@ -188,7 +186,7 @@ def sanitize(dtypes) -> None:
                         torch.ops.dsmoe.grouped_gemm(a, b, offsets, trans_b)
                         if has("dsmoe::grouped_gemm_wgrad", "CUDA"):
                             ops.grouped_gemm_wgrad(a[: rows - 3], torch.randn_like(c), offsets, trans_b)
-        os.environ.pop("DSMOE_GROUPED_GEMM_PATH", None)
+        dsmoe.set_backend(cuda_gemm_path="auto")
     torch.cuda.synchronize()
     print("sanitize: every CUDA op ran")
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 
@@ -118,7 +117,7 @@ def sanitize() -> None:
     E, rows = len(counts), sum(counts)
     failures = 0
     for path in ("auto", "sm80", "simt"):
-        os.environ["DSMOE_GROUPED_GEMM_PATH"] = path
+        dsmoe.set_backend(cuda_gemm_path=path)
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             for K, N in ((128, 256), (352, 136), (40, 44)):
                 for trans_b in (False, True):
@@ -138,7 +137,7 @@ def sanitize() -> None:
                         if not rel < (1e-5 if dtype == torch.float32 else 1e-2):
                             failures += 1
                             print(f"WRONG {name} path={path} {dtype} K={K} N={N} trans_b={trans_b}: rel {rel:.3g}")
-    del os.environ["DSMOE_GROUPED_GEMM_PATH"]
+    dsmoe.set_backend(cuda_gemm_path="auto")
     torch.cuda.synchronize()
     print(f"sanitize: {failures} wrong results")
     if failures:
@@ -168,9 +167,10 @@ def main() -> None:
         return sanitize()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     gen = torch.Generator(device="cuda").manual_seed(0)
-    env = {k: v for k, v in os.environ.items() if k.startswith("DSMOE_GROUPED_GEMM")}
+    settings = dsmoe.backend_settings()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, dsmoe {dsmoe.build_info()}, "
-          f"{args.dtype}, routing {args.routing}, env {env or '{}'}", flush=True)
+          f"{args.dtype}, routing {args.routing}, cuda_gemm_path {settings.cuda_gemm_path}, "
+          f"cuda_gemm_tile {settings.cuda_gemm_tile}", flush=True)
 
     rows = []
     for shape in args.shapes.split(","):

@@ -5,6 +5,7 @@
 #include "cpu/avx512_gemm.h"
 #include "cpu/caching_allocator.h"
 #include "cpu/vec_kernels.h"
+#include "settings.h"
 
 #ifndef DSMOE_VERSION
 #define DSMOE_VERSION "unknown"
@@ -37,7 +38,7 @@ pybind11::dict build_info() {
   return info;
 }
 
-// Which CPU kernels run on this machine (each chosen once per process; see the headers).
+// Which CPU kernels run on this machine under the settings in force (settings.h).
 pybind11::dict cpu_kernels() {
   pybind11::dict info;
   info["vec_isa"] = dsmoe::cpu::vec_kernels_isa();
@@ -65,4 +66,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_kernels", &cpu_kernels,
         "The CPU kernels chosen here: vec_isa (elementwise/gather kernels), bf16_gemm "
         "('avx512' or 'onednn'), fp32_gemm ('avx512', 'onednn' or 'mkl'), cpu_avx512_bf16.");
+  m.def("get_settings", &dsmoe::get_settings,
+        "The kernels' run-time settings (settings.h) as name -> value; the environment variables "
+        "are read on first use.");
+  m.def("set_setting", &dsmoe::set_setting, pybind11::arg("name"), pybind11::arg("value"),
+        "Sets one kernel setting (settings.h); unknown names and values are refused.");
 }

@@ -8,6 +8,7 @@ it (layers, model) load the compiled extension, which registers ``torch.ops.dsmo
 # public name -> the submodule that defines it (None: the name is that submodule)
 _SOURCES = {
     "build_info": "_ext", "cpu_kernels": "_ext", "ops": None,
+    **dict.fromkeys(("BackendSettings", "backend_settings", "set_backend", "use_backend"), "backend"),
     **dict.fromkeys(("DeepSeekMoEConfig", "count_parameters", "deepseek_moe_2b", "deepseek_moe_16b",
                      "deepseek_moe_145b", "get_preset", "preset_names"), "config"),
     "KVCache": "generation",
@@ -50,6 +51,11 @@ __all__ = [
     "cpu_kernels",
     "ops",
     "__version__",
+    # how the ops run
+    "BackendSettings",
+    "backend_settings",
+    "set_backend",
+    "use_backend",
     # model package
     "DeepSeekMoEConfig",
     "count_parameters",

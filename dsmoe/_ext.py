@@ -3,7 +3,6 @@ line a build made against another torch instead of failing with an undefined sym
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -42,9 +41,11 @@ def cpu_kernels() -> dict:
 
 
 def huge_pages_enabled() -> bool:
-    """Whether dsmoe puts CPU expert weights on transparent huge pages (``DSMOE_CPU_HUGE_PAGES``,
-    default on; ``0`` turns it off)."""
-    return os.environ.get("DSMOE_CPU_HUGE_PAGES", "1") != "0"
+    """Whether dsmoe puts CPU expert weights on transparent huge pages: the ``huge_pages``
+    setting (dsmoe.set_backend; default from ``DSMOE_CPU_HUGE_PAGES``, ``0`` turns it off)."""
+    from .backend import backend_settings
+
+    return backend_settings().huge_pages
 
 
 def empty_huge_pages(shape, dtype: torch.dtype) -> torch.Tensor:

@@ -11,11 +11,11 @@ weakly) and are rebuilt only when that weight changed: another storage (``.to(dt
 ``p.data = ...``), another shape/dtype/stride, or an in-place write, which bumps the tensor's
 version counter (``copy_``, ``load_state_dict``, optimizer steps). Writes through ``p.data``
 bypass the version counter: call :func:`clear_cache` after those. The cache holds one packed copy
-per weight (the expert weights' size again); ``DSMOE_CPU_DECODE=0`` turns the path off.
+per weight (the expert weights' size again); the ``cpu_decode`` setting (``dsmoe.set_backend``,
+default from ``DSMOE_CPU_DECODE``, read once) turns the path off.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -38,8 +38,10 @@ _cache = WeakIdKeyDictionary()
 
 
 def enabled() -> bool:
-    """Whether the MoE layer may take the decode path (``DSMOE_CPU_DECODE``, default on)."""
-    return os.environ.get("DSMOE_CPU_DECODE", "1") != "0"
+    """Whether the MoE layer may take the decode path (the ``cpu_decode`` setting, default on)."""
+    from .backend import backend_settings
+
+    return backend_settings().cpu_decode
 
 
 def clear_cache() -> None:
@@ -110,7 +112,8 @@ def prepack(model: torch.nn.Module) -> int:
     """Packs the weights of every MoE layer of ``model`` that can take the decode path (CPU,
     a dtype the kernel reads) now rather than on its first decode step; returns how many layers.
     For serving: loading a model, then prepack, keeps the packing out of the first request."""
-    from .layers import DeepSeekMoELayer, MLP, RoutedExperts, _plain_linear
+    from .backend import _plain_linear
+    from .layers import DeepSeekMoELayer, MLP, RoutedExperts
 
     n = 0
     for layer in model.modules():
@@ -132,7 +135,7 @@ def applies(x: Tensor, tensors: Sequence[Tensor], training: bool) -> bool:
     enabled, eager (the compiler traces the plain ops), CPU, T <= DECODE_MAX_TOKENS, not
     training, nothing that needs a gradient, no autocast, one dtype the kernel reads, plain
     tensors (not sharded)."""
-    if training or not enabled() or torch.compiler.is_compiling():
+    if training or torch.compiler.is_compiling() or not enabled():  # the settings are read eagerly only
         return False
     if x.device.type != "cpu" or x.dim() != 2 or x.shape[0] > DECODE_MAX_TOKENS or x.dtype not in _DECODE_DTYPES:
         return False
@@ -151,7 +154,8 @@ def moe_layer_decode(layer, x: Tensor, weights: Tensor, expert_ids: Tensor) -> O
     """The routed + shared experts of a :class:`dsmoe.layers.DeepSeekMoELayer` on ``x`` [T, h]
     through the decode path, or None where it does not apply (:func:`applies`; experts that are
     not the plain RoutedExperts / shared experts that are not plain nn.Linear)."""
-    from .layers import MLP, RoutedExperts, _plain_linear
+    from .backend import _plain_linear
+    from .layers import MLP, RoutedExperts
 
     experts, shared = layer.experts, layer.shared_experts
     if type(experts) is not RoutedExperts:

@@ -10,7 +10,6 @@ onto a released checkpoint one to one, except that the routed experts are stacke
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple, Optional, Tuple
 
@@ -18,17 +17,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import decode, ops, reference
-from ._ext import cpu_kernels, empty_huge_pages, huge_pages_enabled
+from ._ext import empty_huge_pages
+from .backend import (
+    BACKENDS,
+    BackendSettings,
+    apply_keeping_stacked,
+    deepcopy_keeping_stacked,
+    backend_settings,
+    get_backend,
+    new_weight,
+    on_huge_pages,
+    routed_experts,
+    stack_parameters,
+)
 from .config import DeepSeekMoEConfig
 from .losses import DeviceBalanceLoss, LoadBalanceLoss
 
-MOE_IMPLS = ("dsmoe", "reference")
+MOE_IMPLS = tuple(BACKENDS)
 
 
 def _check_impl(impl: str) -> str:
-    if impl not in MOE_IMPLS:
-        raise ValueError(f"impl must be one of {MOE_IMPLS}, got {impl!r}")
+    get_backend(impl)  # refuses an unknown name
     return impl
 
 
@@ -148,11 +157,14 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     """Dense SwiGLU feed-forward: down(silu(gate(x)) * up(x)) (the seeds' DeepseekMLP); also the
-    shared experts, with intermediate size moe_intermediate_size * n_shared_experts."""
+    shared experts, with intermediate size moe_intermediate_size * n_shared_experts.
 
-    # Rows from which a CPU forward runs on dsmoe's own GEMM kernel (see _on_own_cpu_gemm); the
-    # stacked gate|up weight it multiplies is a copy, paid back from a few hundred rows on.
-    OWN_GEMM_MIN_ROWS = 256
+    ``gate_proj.weight`` and ``up_proj.weight`` share one storage, gate rows then up rows, so that
+    a backend can multiply by both at once without stacking them (dsmoe.backend.stacked); every
+    conversion keeps them so."""
+
+    # The default of the dense_own_gemm_min_rows setting (dsmoe.backend.BackendSettings).
+    OWN_GEMM_MIN_ROWS = BackendSettings.dense_own_gemm_min_rows
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -160,76 +172,19 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        stack_parameters(self.gate_proj, self.up_proj)
 
     def forward(self, x: Tensor, add_to: Optional[Tensor] = None, dsmoe_kernels: bool = True) -> Tensor:
-        """x [..., h] -> [..., h]; on CPU from OWN_GEMM_MIN_ROWS rows through dsmoe's GEMM kernel
-        where it runs (_on_own_cpu_gemm), else the nn.Linear modules. ``add_to``: returns
-        add_to + mlp(x); on the nn.Linear path with 2-d x and a plain down_proj the sum is done
-        by the down projection's GEMM (addmm) instead of another pass over the output.
-        ``dsmoe_kernels=False``: the nn.Linear modules only (the MoE layer's reference path)."""
-        if dsmoe_kernels and self._on_own_cpu_gemm(x):
-            return self._forward_own_cpu_gemm(x, add_to)
-        hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)
-        if add_to is None:
-            return self.down_proj(hidden)
-        if _plain_linear(self.down_proj) and hidden.dim() == 2:
-            return torch.addmm(add_to, hidden, self.down_proj.weight.t())
-        return add_to + self.down_proj(hidden)
+        """x [..., h] -> [..., h]; ``add_to``: returns add_to + mlp(x). How is the backend's
+        (dsmoe.backend.DsmoeBackend.dense_mlp); ``dsmoe_kernels=False``: the nn.Linear modules
+        only (the MoE layer's reference path)."""
+        return get_backend("dsmoe" if dsmoe_kernels else "reference").dense_mlp(self, x, add_to)
 
-    def _on_own_cpu_gemm(self, x: Tensor) -> bool:
-        """Whether the forward runs as two one-group dsmoe grouped GEMMs + dsmoe swiglu: on CPU
-        where dsmoe's AVX512 kernel is chosen for the dtype, in eager mode, from OWN_GEMM_MIN_ROWS
-        rows, with plain projections. Against oneDNN/MKL through nn.Linear, 2048 rows, forward and
-        forward+backward: bf16 4-9% faster, fp32 10-17% (docs/cpu_performance.md)."""
-        if torch.compiler.is_compiling():
-            return False  # the compiler picks its own GEMMs
-        if x.device.type != "cpu" or x.dim() < 2 or x.numel() < self.OWN_GEMM_MIN_ROWS * x.shape[-1]:
-            return False
-        if not all(_plain_linear(m) for m in (self.gate_proj, self.up_proj, self.down_proj)):
-            return False
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        return _own_cpu_gemm(dtype) and all(
-            m.weight.dtype == x.dtype for m in (self.gate_proj, self.up_proj, self.down_proj)
-        )
+    def _apply(self, fn, recurse=True):
+        return apply_keeping_stacked(self, self.gate_proj.weight, self.up_proj.weight, fn, recurse, super()._apply)
 
-    def _forward_own_cpu_gemm(self, x: Tensor, add_to: Optional[Tensor]) -> Tensor:
-        w_gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-        x, w_gate_up, w_down = _in_autocast_dtype(x, w_gate_up, self.down_proj.weight)
-        rows = x.reshape(-1, x.shape[-1])
-        offsets = torch.tensor([0, rows.shape[0]], dtype=torch.int32)  # one group: every row
-        hidden = ops.swiglu(ops.grouped_gemm(rows, w_gate_up.unsqueeze(0), offsets, trans_b=True))
-        out = ops.grouped_gemm(hidden, w_down.unsqueeze(0), offsets, trans_b=True)
-        out = out.view(*x.shape[:-1], out.shape[-1])
-        return out if add_to is None else add_to + out
-
-
-def _in_autocast_dtype(*tensors: Tensor) -> Tuple[Tensor, ...]:
-    """The tensors cast to the autocast dtype of the first one's device where autocast is on
-    there, else as they are: the dsmoe ops have no autocast rule, so they run in the dtype
-    autocast gives nn.Linear."""
-    device_type = tensors[0].device.type
-    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) for t in tensors)
-
-
-def _plain_linear(m: nn.Module) -> bool:
-    """An exact nn.Linear without bias or hooks whose weight is a plain tensor (not sharded or
-    wrapped): its product may run as another GEMM call than its forward."""
-    return (
-        type(m) is nn.Linear
-        and m.bias is None
-        and type(m.weight) is nn.Parameter
-        and not (m._forward_hooks or m._forward_pre_hooks)
-    )
-
-
-@functools.lru_cache(maxsize=None)
-def _own_cpu_gemm(dtype: torch.dtype) -> bool:
-    """Whether this process runs dsmoe's own AVX512 GEMM kernel for ``dtype`` (chosen once)."""
-    key = {torch.bfloat16: "bf16_gemm", torch.float32: "fp32_gemm"}.get(dtype)
-    return key is not None and cpu_kernels()[key] == "avx512"
+    def __deepcopy__(self, memo):
+        return deepcopy_keeping_stacked(self, memo, lambda m: [(m.gate_proj.weight, m.up_proj.weight)])
 
 
 # ---------------------------------------------------------------- routing
@@ -274,9 +229,7 @@ class TopKRouter(nn.Module):
         bias = self.e_score_correction_bias
         if bias is not None:
             bias = bias.float()  # the gate op selects in fp32 (a cast model may hold it in bf16)
-        if impl == "reference":
-            return RouterOutput(*reference.gate(logits, self.top_k, self.normalize, bias, num_seqs))
-        return RouterOutput(*ops.gate(logits, self.top_k, self.normalize, bias, num_seqs))
+        return RouterOutput(*get_backend(impl).route(logits, self.top_k, self.normalize, bias, num_seqs))
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, top_k={self.top_k}, normalize={self.normalize}"
@@ -303,53 +256,37 @@ class NoisyTopKRouter(TopKRouter):
 # ---------------------------------------------------------------- experts
 
 
-def routed_experts(
-    x: Tensor, weights: Tensor, expert_ids: Tensor, w_gate_up: Tensor, w_down: Tensor, trans_b: bool = True
-) -> Tensor:
-    """y[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) for SwiGLU experts on stacked weights,
-    as permute -> grouped GEMM -> SwiGLU -> grouped GEMM -> unpermute (no host sync): dsmoe's
-    RoutedExperts and the transformers experts backend (dsmoe.hf). ``w_gate_up`` [E, 2I, h] (gate
-    rows, then up rows) and ``w_down`` [E, h, I], or [E, h, 2I] and [E, I, h] with
-    ``trans_b=False``. ``expert_ids`` int32 or int64; ids >= E contribute zero at no compute."""
-    x, w_gate_up, w_down = _in_autocast_dtype(x, w_gate_up, w_down)
-    x_perm, row_map, offsets = ops.permute(x, expert_ids, w_gate_up.shape[0])
-    hidden = ops.swiglu(ops.grouped_gemm(x_perm, w_gate_up, offsets, trans_b=trans_b))
-    y_perm = ops.grouped_gemm(hidden, w_down, offsets, trans_b=trans_b)
-    return ops.unpermute(y_perm, row_map, weights)
-
-
 class RoutedExperts(nn.Module):
     """E SwiGLU experts with stacked weights: w_gate_up [E, 2I, h] (gate rows, then up rows) and
     w_down [E, h, I]. ``forward(x, weights, expert_ids)`` returns
     y[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t]).
 
-    ``impl="dsmoe"``: permute -> grouped GEMM -> SwiGLU -> grouped GEMM -> unpermute, no host
-    sync. ``impl="reference"``: the seeds' loop over experts (training path in training mode,
-    ``moe_infer`` in eval)."""
+    ``impl`` names the backend (dsmoe.backend): ``"dsmoe"``: permute -> grouped GEMM -> SwiGLU ->
+    grouped GEMM -> unpermute, no host sync; ``"reference"``: the seeds' loop over experts
+    (training path in training mode, ``moe_infer`` in eval). CPU weights of 2 MiB or more are
+    made on transparent huge pages and converted onto them (the ``huge_pages`` setting): every
+    forward streams them, and on 4 KiB pages the hardware prefetchers stop at every page."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, init_std: float = 0.02) -> None:
         super().__init__()
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.init_std = init_std
-        self.w_gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.w_down = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        self.place_weights_on_huge_pages(keep_values=False)
+        self.w_gate_up = nn.Parameter(new_weight((num_experts, 2 * intermediate_size, hidden_size)))
+        self.w_down = nn.Parameter(new_weight((num_experts, hidden_size, intermediate_size)))
         self.reset_parameters()
 
     @torch.no_grad()
     def place_weights_on_huge_pages(self, keep_values: bool = True) -> None:
-        """Moves CPU expert weights of 2 MiB or more onto transparent huge pages (``keep_values``:
-        copying them). Every forward streams the expert weights from memory, and on 4 KiB pages
-        the hardware prefetchers stop at each page: the decode shape's routed GEMMs ran ~1.5x
-        faster on huge pages (docs/cpu_performance.md). Done at construction and after every
-        conversion (``.to(dtype)``, ``to_empty``, ...). ``DSMOE_CPU_HUGE_PAGES=0`` turns it off."""
-        if not huge_pages_enabled():
+        """Moves CPU expert weights of 2 MiB or more that are not there yet onto transparent huge
+        pages (``keep_values``: copying them), when asked: construction and conversions put them
+        there already (docs/cpu_performance.md). Shared-memory weights stay where they are."""
+        if not backend_settings().huge_pages:
             return
         for p in (self.w_gate_up, self.w_down):
-            if type(p.data) is not torch.Tensor:  # a sharded (DTensor) or otherwise wrapped weight
-                continue
+            if type(p.data) is not torch.Tensor or p.device.type != "cpu" or p.is_shared():
+                continue  # a sharded (DTensor) or wrapped weight, or one other processes map
             placed = p.data_ptr() % (2 << 20) == 0  # what empty_huge_pages returns
-            if p.device.type == "cpu" and p.numel() * p.element_size() >= 2 << 20 and not placed:
+            if p.numel() * p.element_size() >= 2 << 20 and not placed:
                 t = empty_huge_pages(p.shape, p.dtype)
                 if keep_values:
                     t.copy_(p)
@@ -362,19 +299,11 @@ class RoutedExperts(nn.Module):
         self.w_down.normal_(0.0, self.init_std)
 
     def _apply(self, fn, recurse=True):
-        # .to()/.float()/.to_empty() make new weight tensors: back onto huge pages
-        super()._apply(fn, recurse)
-        self.place_weights_on_huge_pages()
-        return self
+        # .to()/.float()/.to_empty() make the new weight tensors on huge pages
+        return super()._apply(on_huge_pages(fn), recurse)
 
     def forward(self, x: Tensor, weights: Tensor, expert_ids: Tensor, impl: str = "dsmoe") -> Tensor:
-        if impl == "reference":
-            ids = expert_ids.long()
-            w = weights.to(x.dtype)
-            if self.training:
-                return reference.moe_forward_train(x, ids, w, self.w_gate_up, self.w_down)
-            return reference.moe_infer(x, ids, w, self.w_gate_up, self.w_down)
-        return routed_experts(x, weights, expert_ids, self.w_gate_up, self.w_down)
+        return get_backend(impl).routed_experts(x, weights, expert_ids, self.w_gate_up, self.w_down, self.training)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}"
@@ -391,8 +320,9 @@ class DeepSeekMoELayer(nn.Module):
     n_shared_experts, always on) plus the top-k of n_routed_experts fine-grained experts.
 
     ``forward(hidden_states [B, L, h])`` returns :class:`MoEOutput` (output, balance loss in
-    training, tokens per expert). ``impl`` picks the execution: ``"dsmoe"`` (fused ops, default)
-    or ``"reference"`` (plain PyTorch, for comparison); both compute the same function.
+    training, tokens per expert). ``impl`` names the backend that runs it (dsmoe.backend):
+    ``"dsmoe"`` (fused ops, default) or ``"reference"`` (plain PyTorch, for comparison); both
+    compute the same function.
     Submodule names (``gate``, ``experts``, ``shared_experts``) are the Hugging Face ones; the
     ``experts`` module can be swapped (expert parallelism keeps this interface).
     """
@@ -433,26 +363,13 @@ class DeepSeekMoELayer(nn.Module):
         wants_loss = self.training and (self.balance_loss is not None or self.device_balance_loss is not None)
         # per-sequence statistics only matter for the seq_aux loss
         num_seqs = B if (wants_loss and self.seq_aux) else 1
+        backend = get_backend(self.impl)
         route = self.gate(x, num_seqs=num_seqs, impl=self.impl)
-        # CPU inference on a few tokens: routed + shared experts in one pass over packed weights
-        y = decode.moe_layer_decode(self, x, route.weights, route.expert_ids) if self.impl == "dsmoe" else None
-        if y is None:
-            y = self.experts(x, route.weights, route.expert_ids, impl=self.impl)
-            if self.shared_experts is not None:
-                if self.impl == "reference":
-                    y = y + self.shared_experts(x, dsmoe_kernels=False)  # the seeds' sum, plain PyTorch
-                else:
-                    y = self.shared_experts(x, add_to=y)
+        y = backend.moe_experts(self, x, route)
         aux_loss = None
         if wants_loss:
             seq_len = (B * L) // num_seqs  # tokens per sequence of the statistics
-            if self.balance_loss is not None:
-                if self.impl == "reference":
-                    aux_loss = reference.expert_balance_loss(
-                        route.tokens_per_expert, route.score_sums, self.top_k, self.balance_loss.alpha, self.seq_aux
-                    )
-                else:
-                    aux_loss = self.balance_loss(route.tokens_per_expert, route.score_sums, seq_len)
+            aux_loss = backend.balance_loss(self, route, seq_len)
             if self.device_balance_loss is not None:
                 dev = self.device_balance_loss(route.tokens_per_expert, route.score_sums, seq_len)
                 aux_loss = dev if aux_loss is None else aux_loss + dev

@@ -34,9 +34,9 @@ PATHS = ["auto", "sm80", "simt"]
 
 
 @pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
-    monkeypatch.setenv("DSMOE_GROUPED_GEMM_PATH", request.param)
-    return request.param
+def path(request):
+    with dsmoe.use_backend(cuda_gemm_path=request.param):
+        yield request.param
 
 
 # (group sizes, K, N): K and N multiples of 8 reach the tensor-core paths in bf16/fp16.
@@ -164,10 +164,14 @@ def test_matches_cpu_op(dtype, trans_b):
 @pytest.mark.parametrize("tile", ["wide", "narrow"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("trans_b", [False, True])
-def test_hopper_tiles(monkeypatch, tile, dtype, trans_b):
+def test_hopper_tiles(tile, dtype, trans_b):
     """Both Hopper tile shapes (each is chosen only for some N by default); on other GPUs this
     runs the default path, which ignores the tile."""
-    monkeypatch.setenv("DSMOE_GROUPED_GEMM_TILE", tile)
+    with dsmoe.use_backend(cuda_gemm_tile=tile):
+        _hopper_tiles_case(tile, dtype, trans_b)
+
+
+def _hopper_tiles_case(tile, dtype, trans_b):
     counts = [257, 0, 1, 128, 640, 33, 0, 300]
     K, N = 192, 384
     E, rows = len(counts), sum(counts)
@@ -181,9 +185,13 @@ def test_hopper_tiles(monkeypatch, tile, dtype, trans_b):
     _check(_wgrad(a, grad_c, off, trans_b), _ref_wgrad(a, grad_c, counts, trans_b), dtype, f"wgrad tile={tile}")
 
 
-def test_dispatch(monkeypatch, capfd):
-    """The path each call takes, as the kernels report it (DSMOE_GROUPED_GEMM_VERBOSE=1)."""
-    monkeypatch.setenv("DSMOE_GROUPED_GEMM_VERBOSE", "1")
+def test_dispatch(capfd):
+    """The path each call takes, as the kernels report it (the cuda_gemm_verbose setting)."""
+    with dsmoe.use_backend(cuda_gemm_verbose=True):
+        _dispatch_case(capfd)
+
+
+def _dispatch_case(capfd):
     major = torch.cuda.get_device_capability()[0]
     cutlass = dsmoe.build_info()["cutlass"]
     off = offsets_from_counts([5, 0, 11], "cuda")
@@ -204,8 +212,8 @@ def test_dispatch(monkeypatch, capfd):
     assert run(torch.float32, 64, 128) == "simt"
     assert run(torch.bfloat16, 60, 128) == "simt"  # K % 8 != 0
     assert run(torch.bfloat16, 64, 128, a_offset=1) == "simt"  # a not 16-byte aligned
-    monkeypatch.setenv("DSMOE_GROUPED_GEMM_PATH", "sm80")
-    assert run(torch.bfloat16, 64, 128) == ("sm80" if cutlass and major >= 8 else "simt")
+    with dsmoe.use_backend(cuda_gemm_path="sm80"):
+        assert run(torch.bfloat16, 64, 128) == ("sm80" if cutlass and major >= 8 else "simt")
 
 
 def test_unaligned_pointer():
@@ -295,13 +303,12 @@ def test_opcheck():
     torch.library.opcheck(_wgrad.default, (a, g, off, False))
 
 
-def test_bad_inputs(monkeypatch):
+def test_bad_inputs():
     a = _rand(8, 16, dtype=torch.bfloat16)
     b = _rand(3, 16, 24, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="expert_offsets"):
         _gg(a, b, offsets_from_counts([3, 0, 5]), False)  # offsets on the CPU
     with pytest.raises(RuntimeError, match="dtype"):
         _gg(a, b.float(), offsets_from_counts([3, 0, 5], "cuda"), False)
-    monkeypatch.setenv("DSMOE_GROUPED_GEMM_PATH", "fastest")
-    with pytest.raises(RuntimeError, match="DSMOE_GROUPED_GEMM_PATH"):
-        _gg(a, b, offsets_from_counts([3, 0, 5], "cuda"), False)
+    with pytest.raises(ValueError, match="cuda_gemm_path must be one of"):
+        dsmoe.set_backend(cuda_gemm_path="fastest")

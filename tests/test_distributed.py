@@ -162,21 +162,21 @@ def _mlp_on_own_gemm():
     """Every MLP (dense layers, shared experts) on its one-group grouped GEMM path, whatever the
     CPU and row count (FSDP2 hands the MLP unsharded parameters; the path must see them).
     Yields the list of the MLP modules (ids) whose forward took the path, one entry per call."""
-    import dsmoe.layers as layers
+    from dsmoe.backend import BACKENDS, use_backend
 
-    calls = []
-    saved = layers.MLP.OWN_GEMM_MIN_ROWS, layers._own_cpu_gemm, layers.MLP._forward_own_cpu_gemm
+    backend, calls = BACKENDS["dsmoe"], []
+    forward = backend._own_cpu_gemm_mlp
 
-    def counted(self, *args):
-        calls.append(id(self))
-        return saved[2](self, *args)
+    def counted(mlp, *args):
+        calls.append(id(mlp))
+        return forward(mlp, *args)
 
-    layers.MLP.OWN_GEMM_MIN_ROWS, layers._own_cpu_gemm = 1, lambda dtype: True
-    layers.MLP._forward_own_cpu_gemm = counted
+    backend.own_cpu_gemm, backend._own_cpu_gemm_mlp = (lambda dtype: True), counted
     try:
-        yield calls
+        with use_backend(dense_own_gemm_min_rows=1):
+            yield calls
     finally:
-        layers.MLP.OWN_GEMM_MIN_ROWS, layers._own_cpu_gemm, layers.MLP._forward_own_cpu_gemm = saved
+        del backend.own_cpu_gemm, backend._own_cpu_gemm_mlp  # the class's methods again
 
 
 def _train_case(dp: int, ep: int, steps: int = 3, **overrides) -> dict:

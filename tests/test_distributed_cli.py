@@ -18,7 +18,7 @@ import pytest
 
 from dsmoe.cli import main
 from dsmoe.cli.train import add_arguments
-from dsmoe.distributed.cli import argv_from_namespace
+from dsmoe.cli.distributed.options import argv_from_namespace
 from dsmoe.distributed.checkpoint import is_dcp_checkpoint, load_model
 
 ARGS = ["--preset", "tiny", "--steps", "6", "--batch-size", "4", "--seq-len", "32", "--eval-every", "3",

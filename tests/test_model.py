@@ -355,14 +355,17 @@ def test_mlp_add_to_equals_sum(variant, monkeypatch):
 @pytest.mark.parametrize("with_add", [False, True])
 @pytest.mark.parametrize("batched", [False, True])
 def test_mlp_on_own_cpu_gemm_matches_plain(dtype, with_add, batched, monkeypatch):
-    """From OWN_GEMM_MIN_ROWS rows a CPU MLP runs as one-group grouped GEMMs + swiglu (forced here,
-    so that it runs on CPUs whose grouped GEMM is oneDNN's too): same output and gradients as the
-    plain nn.Linear forward, up to rounding."""
+    """From dense_own_gemm_min_rows rows a CPU MLP runs as one-group grouped GEMMs + swiglu
+    (forced here, so that it runs on CPUs whose grouped GEMM is oneDNN's too): same output and
+    gradients as the plain nn.Linear forward, up to rounding."""
     import dsmoe.layers as layers
+    from dsmoe.backend import BACKENDS, backend_settings
 
+    backend = BACKENDS["dsmoe"]
     torch.manual_seed(0)
     mlp = layers.MLP(48, 40).to(dtype)
-    rows = layers.MLP.OWN_GEMM_MIN_ROWS + 3
+    min_rows = backend_settings().dense_own_gemm_min_rows
+    rows = min_rows + 3
     shape = (2, rows // 2 + 1, 48) if batched else (rows, 48)  # [B, L, h] as the dense layers get
     x = torch.randn(*shape, dtype=dtype, requires_grad=True)
     y = torch.randn(*shape, dtype=dtype, requires_grad=True) if with_add else None
@@ -373,15 +376,17 @@ def test_mlp_on_own_cpu_gemm_matches_plain(dtype, with_add, batched, monkeypatch
         out = mlp(x, add_to=y)
         return out, torch.autograd.grad(out, inputs, grad)
 
-    monkeypatch.setattr(layers, "_own_cpu_gemm", lambda dt: True)
-    few_rows = torch.randn(layers.MLP.OWN_GEMM_MIN_ROWS - 1, 48, dtype=dtype)
-    assert mlp._on_own_cpu_gemm(x) and not mlp._on_own_cpu_gemm(few_rows)
+    monkeypatch.setattr(backend, "own_cpu_gemm", lambda dt: True)
+    few_rows = torch.randn(min_rows - 1, 48, dtype=dtype)
+    assert backend._on_own_cpu_gemm(mlp, x) and not backend._on_own_cpu_gemm(mlp, few_rows)
     own, own_grads = run()
-    monkeypatch.setattr(layers, "_own_cpu_gemm", lambda dt: False)
-    assert not mlp._on_own_cpu_gemm(x)
+    monkeypatch.setattr(backend, "own_cpu_gemm", lambda dt: False)
+    assert not backend._on_own_cpu_gemm(mlp, x)
     plain, plain_grads = run()
-    monkeypatch.setattr(layers, "_own_cpu_gemm", lambda dt: True)
-    torch.testing.assert_close(mlp(x, add_to=y, dsmoe_kernels=False), plain, rtol=0, atol=0)  # reference path
+    monkeypatch.setattr(backend, "own_cpu_gemm", lambda dt: True)
+    # the reference path: the nn.Linear modules, and the seeds' sum (no addmm) with add_to
+    seeds_sum = plain if y is None else y + mlp(x, dsmoe_kernels=False)
+    torch.testing.assert_close(mlp(x, add_to=y, dsmoe_kernels=False), seeds_sum, rtol=0, atol=0)
     for got, want in zip((own, *own_grads), (plain, *plain_grads)):
         if dtype == torch.bfloat16:  # two bf16 roundings apart: compare as a whole
             assert (got.float() - want.float()).norm() <= 1e-2 * want.float().norm()
@@ -392,15 +397,18 @@ def test_mlp_on_own_cpu_gemm_matches_plain(dtype, with_add, batched, monkeypatch
 def test_mlp_own_cpu_gemm_follows_the_chosen_kernel():
     """The own-GEMM path is taken exactly where dsmoe.cpu_kernels() reports its AVX512 kernel."""
     import dsmoe
+    from dsmoe.backend import BACKENDS
     from dsmoe.layers import MLP
 
+    backend = BACKENDS["dsmoe"]
+    rows = dsmoe.backend_settings().dense_own_gemm_min_rows
     kernels = dsmoe.cpu_kernels()
     for dtype, key in ((torch.bfloat16, "bf16_gemm"), (torch.float32, "fp32_gemm")):
         mlp = MLP(16, 8).to(dtype)
-        x = torch.randn(MLP.OWN_GEMM_MIN_ROWS, 16, dtype=dtype)
-        assert mlp._on_own_cpu_gemm(x) == (kernels[key] == "avx512")
+        x = torch.randn(rows, 16, dtype=dtype)
+        assert backend._on_own_cpu_gemm(mlp, x) == (kernels[key] == "avx512")
     mlp = MLP(16, 8).half()
-    assert not mlp._on_own_cpu_gemm(torch.randn(MLP.OWN_GEMM_MIN_ROWS, 16).half())
+    assert not backend._on_own_cpu_gemm(mlp, torch.randn(rows, 16).half())
 
 
 def test_device_balance_loss_in_model():

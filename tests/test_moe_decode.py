@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import dsmoe
 import torch.nn.functional as F
 from torch.library import opcheck
 
@@ -198,9 +200,8 @@ def test_layer_takes_decode_path_and_matches(dtype, monkeypatch):
         x = torch.randn(2, L, cfg.hidden_size).to(dtype)
         with torch.no_grad():
             fast = layer(x).hidden_states
-            monkeypatch.setenv("DSMOE_CPU_DECODE", "0")
-            plain = layer(x).hidden_states
-            monkeypatch.delenv("DSMOE_CPU_DECODE")
+            with dsmoe.use_backend(cpu_decode=False):
+                plain = layer(x).hidden_states
         rtol, atol = TOL[dtype]
         scale = plain.abs().max().item()
         # the plain path rounds the intermediate and each expert's output to the dtype
@@ -232,8 +233,8 @@ def test_generate_greedy_same_tokens(monkeypatch):
     calls = count_decode_calls(monkeypatch)
     fast = model.generate(ids, max_new_tokens=10)
     assert calls, "generate did not take the decode path"
-    monkeypatch.setenv("DSMOE_CPU_DECODE", "0")
-    plain = model.generate(ids, max_new_tokens=10)
+    with dsmoe.use_backend(cpu_decode=False):
+        plain = model.generate(ids, max_new_tokens=10)
     assert torch.equal(fast, plain)
 
 
@@ -254,8 +255,8 @@ def test_bf16_cached_decode_logits_match(monkeypatch):
     calls = count_decode_calls(monkeypatch)
     fast = logits_by_step()
     assert calls == [10] * 2 + [2] * 8  # 2 MoE layers (the first is dense), prompt then 4 steps
-    monkeypatch.setenv("DSMOE_CPU_DECODE", "0")
-    plain = logits_by_step()
+    with dsmoe.use_backend(cpu_decode=False):
+        plain = logits_by_step()
     torch.testing.assert_close(fast, plain, rtol=0.05, atol=0.05 * plain.abs().max().item())
 
 

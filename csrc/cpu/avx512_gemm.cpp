@@ -1,6 +1,8 @@
 // Which GEMM the grouped GEMM uses on this CPU, per dtype (avx512_gemm.h).
 #include "avx512_gemm.h"
 
+#include "../settings.h"
+
 #include <ATen/Version.h>
 #include <c10/util/Exception.h>
 
@@ -54,54 +56,33 @@ const Kernels& kernels() {
   return k;
 }
 
-std::string env_choice(const char* name, const char* fallback) {
-  const char* env = std::getenv(name);
-  return env == nullptr ? fallback : env;
-}
-
 // true: the kernel; false: the BLAS. "auto" takes the kernel where it was measured to win.
-bool want_kernel(const char* env_name, const std::string& choice) {
-  if (choice != "avx512" && choice != "auto") return false;
+bool want_kernel(const char* setting, CpuGemm choice) {
+  if (choice != CpuGemm::kAvx512 && choice != CpuGemm::kAuto) return false;
   const Kernels& k = kernels();
-  TORCH_CHECK(k.usable || choice != "avx512", env_name,
+  TORCH_CHECK(k.usable || choice != CpuGemm::kAvx512, "dsmoe setting ", setting,
               "=avx512: this CPU or build has no AVX512-BF16 (or ATEN_CPU_CAPABILITY is below "
               "avx512)");
-  return k.usable && (choice == "avx512" || !k.amx);
-}
-
-const std::string& fp32_choice() {
-  static const std::string choice = [] {
-    std::string c = env_choice("DSMOE_CPU_FP32_GEMM", "auto");
-    TORCH_CHECK(c == "auto" || c == "avx512" || c == "onednn" || c == "mkl",
-                "DSMOE_CPU_FP32_GEMM must be 'auto', 'avx512', 'onednn' or 'mkl', got '", c, "'");
-    return c;
-  }();
-  return choice;
+  return k.usable && (choice == CpuGemm::kAvx512 || !k.amx);
 }
 
 }  // namespace
 
 bool cpu_has_avx512_bf16() { return cpu_features().avx512_bf16; }
 
+// Chosen per call from the settings table (settings.h): an atomic load.
 const Avx512Gemm<c10::BFloat16>* bf16_gemm_kernel() {
-  static const Avx512Gemm<c10::BFloat16>* chosen = [] {
-    const std::string c = env_choice("DSMOE_CPU_BF16_GEMM", "auto");
-    TORCH_CHECK(c == "auto" || c == "avx512" || c == "onednn",
-                "DSMOE_CPU_BF16_GEMM must be 'auto', 'onednn' or 'avx512', got '", c, "'");
-    return want_kernel("DSMOE_CPU_BF16_GEMM", c) ? &kernels().bf16 : nullptr;
-  }();
-  return chosen;
+  return want_kernel("cpu_bf16_gemm", cpu_bf16_gemm_setting()) ? &kernels().bf16 : nullptr;
 }
 
 const Avx512Gemm<float>* fp32_gemm_kernel() {
-  static const Avx512Gemm<float>* chosen =
-      want_kernel("DSMOE_CPU_FP32_GEMM", fp32_choice()) ? &kernels().fp32 : nullptr;
-  return chosen;
+  return want_kernel("cpu_fp32_gemm", cpu_fp32_gemm_setting()) ? &kernels().fp32 : nullptr;
 }
 
 // torch's mkldnn_matmul (the oneDNN fp32 path) refuses CPUs without avx512bw/vl/dq: MKL there.
 const char* fp32_blas_choice() {
-  return fp32_choice() == "mkl" || at::get_cpu_capability() != "AVX512" ? "mkl" : "onednn";
+  return cpu_fp32_gemm_setting() == CpuGemm::kMkl || at::get_cpu_capability() != "AVX512" ? "mkl"
+                                                                                          : "onednn";
 }
 
 }  // namespace dsmoe::cpu

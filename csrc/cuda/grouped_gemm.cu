@@ -13,9 +13,9 @@
 // Path choice (per call): bf16/fp16 with 16-byte aligned rows (K and N multiples of 8) and a
 // CUTLASS build -> the Hopper kernels on sm_90 when this build has an sm_90a image, else the
 // sm_80 kernels on sm_80+; everything else (fp32, fp64, odd K/N, older GPUs, no CUTLASS) -> the
-// CUDA-core kernels below. DSMOE_GROUPED_GEMM_PATH=sm80|simt prefers a slower path where it
-// applies (tests and benchmarks use it), DSMOE_GROUPED_GEMM_TILE=wide|narrow forces the Hopper
-// tile (default: chosen from N), DSMOE_GROUPED_GEMM_VERBOSE=1 prints each call's choice.
+// CUDA-core kernels below. The settings (settings.h; dsmoe.set_backend) cuda_gemm_path=sm80|simt
+// prefer a slower path where it applies (tests and benchmarks use it), cuda_gemm_tile=wide|narrow
+// forces the Hopper tile (default: chosen from N), cuda_gemm_verbose=1 prints each call's choice.
 //
 // CUDA-core kernels: 64x64 output tiles, 256 threads with 4x4 outputs each, K in steps of 16
 // through shared memory, accumulation in fp32 (fp64 for fp64). Forward tiles are numbered per
@@ -27,6 +27,7 @@
 #include "../check.h"
 #include "../index_math.h"
 #include "../op_checks.h"
+#include "../settings.h"
 
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
@@ -280,18 +281,9 @@ bool has_sm90a_image(int device) {
 }
 #endif  // DSMOE_WITH_CUTLASS
 
-const char* env_or(const char* name, const char* fallback) {
-  const char* value = std::getenv(name);
-  return value != nullptr && value[0] != '\0' ? value : fallback;
-}
-
 Path choose_path(const Problem& p, at::ScalarType dtype) {
-  const std::string preferred = env_or("DSMOE_GROUPED_GEMM_PATH", "auto");
-  TORCH_CHECK(preferred == "auto" || preferred == "sm90" || preferred == "sm80" ||
-                  preferred == "simt",
-              "dsmoe.grouped_gemm: DSMOE_GROUPED_GEMM_PATH must be auto, sm90, sm80 or simt, got '",
-              preferred, "'");
-  if (preferred == "simt") return Path::kSimt;
+  const CudaGemmPath preferred = cuda_gemm_path_setting();
+  if (preferred == CudaGemmPath::kSimt) return Path::kSimt;
 #ifdef DSMOE_WITH_CUTLASS
   const bool tensor_cores =
       (dtype == at::kBFloat16 || dtype == at::kHalf) && rows_16b_aligned(p);
@@ -299,7 +291,7 @@ Path choose_path(const Problem& p, at::ScalarType dtype) {
   const auto* props = at::cuda::getDeviceProperties(p.device.index());
   const bool sm80 = props->major >= 8;
   const bool sm90 = props->major == 9 && has_sm90a_image(p.device.index());
-  if (preferred == "sm80" && sm80) return Path::kSm80;
+  if (preferred == CudaGemmPath::kSm80 && sm80) return Path::kSm80;
   if (sm90) return Path::kSm90;
   if (sm80) return Path::kSm80;
 #else
@@ -310,17 +302,20 @@ Path choose_path(const Problem& p, at::ScalarType dtype) {
 }
 
 Tile preferred_tile() {
-  const std::string tile = env_or("DSMOE_GROUPED_GEMM_TILE", "auto");
-  if (tile == "wide") return Tile::kWide;
-  if (tile == "narrow") return Tile::kNarrow;
-  TORCH_CHECK(tile == "auto", "dsmoe.grouped_gemm: DSMOE_GROUPED_GEMM_TILE must be auto, wide or ",
-              "narrow, got '", tile, "'");
-  return Tile::kAuto;
+  switch (cuda_gemm_tile_setting()) {
+    case CudaGemmTile::kWide:
+      return Tile::kWide;
+    case CudaGemmTile::kNarrow:
+      return Tile::kNarrow;
+    default:
+      return Tile::kAuto;
+  }
 }
 
-// DSMOE_GROUPED_GEMM_VERBOSE=1 prints the path of every call on stderr (tests check dispatch).
+// The cuda_gemm_verbose setting (DSMOE_GROUPED_GEMM_VERBOSE=1) prints the path of every call on
+// stderr (tests check dispatch).
 void report(const char* op, Path path, const Problem& p) {
-  if (std::string(env_or("DSMOE_GROUPED_GEMM_VERBOSE", "0")) == "0") return;
+  if (!cuda_gemm_verbose_setting()) return;
   const char* name = path == Path::kSm90 ? "sm90" : path == Path::kSm80 ? "sm80" : "simt";
   const char* tile = "-";
   if (path == Path::kSm90) tile = pick_tile(p, preferred_tile()) == Tile::kWide ? "wide" : "narrow";

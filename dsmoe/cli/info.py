@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import sys
 
@@ -29,6 +30,10 @@ def run(ns: argparse.Namespace) -> int:
     print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads")
     k = dsmoe.cpu_kernels()
     print(f"  CPU kernels: elementwise {k['vec_isa']}, bf16 GEMM {k['bf16_gemm']}, fp32 GEMM {k['fp32_gemm']}")
+    settings = dsmoe.backend_settings()
+    print("Backend settings in force (dsmoe.set_backend; defaults from the environment):")
+    for name, value in dataclasses.asdict(settings).items():
+        print(f"  {name}: {value}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)

@@ -92,7 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sample-tokens", type=int, help=f"tokens of the sample printed at the end, 0 = none (default {DEFAULTS['sample_tokens']})")
     g.add_argument("--sample-prompt", help="prompt of that sample (default: 'def ' on the default corpus, else a newline)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar: print lines instead")
-    from dsmoe.distributed.cli import add_arguments as add_distributed_arguments
+    from dsmoe.cli.distributed.options import add_arguments as add_distributed_arguments
 
     add_distributed_arguments(p)  # --nproc, --ep
 
@@ -159,7 +159,7 @@ class StepResult:
 
 class Trainer:
     def __init__(self, a: dict, run_dir: Path | None, resume_from: Path | None, progress: bool, saved=None, dist=None):
-        from dsmoe.distributed.cli import is_dcp_checkpoint
+        from dsmoe.cli.distributed.options import is_dcp_checkpoint
 
         self.a = a
         self.run_dir = run_dir  # set once claimed (after everything is checked)
@@ -306,7 +306,7 @@ class Trainer:
         state = {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed, "args": self.a,
                  "run_id": self.run_id, "checkpoint_id": checkpoint_id, "parent": self.parent}
         if self.dist is not None:  # sharded: a DCP checkpoint, every process writes its part
-            from dsmoe.distributed.cli import extra_files
+            from dsmoe.cli.distributed.options import extra_files
 
             self.dist.save(path, self.model, self.optimizer, {**state, "param_names": self.param_names},
                            extra_files(self.tokenizer, ckpt.rng_tensors))
@@ -374,7 +374,7 @@ def plot_losses(run_dir: Path, rows: list[dict], path: Path) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
-    from dsmoe.distributed import cli as dist_cli
+    from dsmoe.cli.distributed import options as dist_cli
 
     launched = dist_cli.maybe_launch(ns, add_arguments)  # --nproc N: torchrun runs N copies of us
     if launched is not None:
@@ -391,7 +391,7 @@ def run(ns: argparse.Namespace) -> int:
 
 
 def _run(ns: argparse.Namespace, dist=None) -> int:
-    from dsmoe.distributed import cli as dist_cli
+    from dsmoe.cli.distributed import options as dist_cli
 
     main = dist is None or dist.is_main
     resume_ckpt = resume_run = None
@@ -467,7 +467,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def _train(ns, a: dict, trainer: Trainer, run_dir: Path, resume_ckpt: Path | None, in_place: bool, main: bool,
            dist) -> int:
-    from dsmoe.distributed import cli as dist_cli
+    from dsmoe.cli.distributed import options as dist_cli
 
     model, cfg = trainer.model, trainer.config
     total, active = parameter_counts(cfg)

@@ -4,8 +4,9 @@ transformers 5 stores a MoE layer's experts stacked (``gate_up_proj`` [E, 2I, h]
 [E, h, I]; [E, h, 2I] and [E, I, h] where the class is ``is_transposed``) and dispatches their
 forward, ``fn(self, hidden_states [T, h], top_k_index [T, k], top_k_weights [T, k])``, through
 ``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS``. :func:`dsmoe_experts_forward` runs it as
-dsmoe's own layer does (:func:`dsmoe.layers.routed_experts`: permute -> grouped GEMM -> SwiGLU ->
-grouped GEMM -> unpermute) on the module's own parameters, with no copy of the weights, forward
+dsmoe's own layer does (the same backend method,
+:meth:`dsmoe.backend.DsmoeBackend.routed_experts`: permute -> grouped GEMM -> SwiGLU -> grouped
+GEMM -> unpermute) on the module's own parameters, with no copy of the weights, forward
 and backward; the model keeps its own router. int64 ids and routing weights in the model's dtype
 go into the ops as transformers gives them; expert-parallel sentinel ids (>= E) cost nothing and
 contribute zero.
@@ -31,7 +32,7 @@ except ImportError as e:  # pragma: no cover - exercised by the no-transformers 
         f"importing it failed: {e}"
     ) from e
 
-from ..layers import routed_experts
+from ..backend import get_backend
 
 IMPLEMENTATION = "dsmoe"
 
@@ -116,7 +117,9 @@ def dsmoe_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: T
     w_gate_up, w_down = self.gate_up_proj, self.down_proj
     if not torch.is_autocast_enabled(x.device.type) and x.dtype != w_gate_up.dtype:
         x = x.to(w_gate_up.dtype)  # as transformers' grouped_mm: the GEMMs run in the weights' dtype
-    y = routed_experts(x, top_k_weights, top_k_index, w_gate_up, w_down, trans_b=not self.is_transposed)
+    y = get_backend("dsmoe").routed_experts(
+        x, top_k_weights, top_k_index, w_gate_up, w_down, training=self.training, trans_b=not self.is_transposed
+    )
     return y.to(hidden_states.dtype)
 
 
