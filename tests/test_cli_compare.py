@@ -137,3 +137,46 @@ def test_report_of_a_stopped_comparison(compared, tmp_path, capsys):
     assert ds["val_curve"]["n"] == [2, 1]
     code = main(["compare", "--report", str(tmp_path / "nothing")])
     assert code == 2 and "not a `dsmoe compare` directory" in capsys.readouterr().err
+
+
+def test_sigterm_reaches_every_running_job(tmp_path, corpus):
+    """SIGTERM to `dsmoe compare --jobs 2` (what a scheduler's stop or `timeout` sends) is passed
+    on: both running runs save a checkpoint and stop, the queued runs never start, compare exits
+    143 with compare.json recording the runs as stopped, and no worker process is left behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "dsmoe", "compare", *TOY, "--steps", "100000", "--seeds", "2", "--jobs", "2", "--data", str(corpus), "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    running = [out / "dense" / "seed-0", out / "gshard" / "seed-0"]  # seed-major: the first two jobs
+    try:
+        deadline = time.monotonic() + 240
+        while not all((r / "log.jsonl").is_file() and '"val"' in (r / "log.jsonl").read_text() for r in running):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0] if proc.poll() else "slow"
+            time.sleep(0.5)
+        os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = proc.communicate()[0]
+    assert code == 143, text
+    for r in running:
+        assert any((r / "checkpoints").glob("step-*")), f"{r} saved no checkpoint\n{text}"
+        assert not (r / "model.safetensors").exists()
+    # the queued runs never started
+    assert not (out / "deepseekmoe" / "seed-0").exists() and not (out / "dense" / "seed-1").exists()
+    summary = json.loads((out / "compare.json").read_text())
+    for name in ("dense", "gshard"):
+        assert [(r["seed"], r["complete"]) for r in summary["models"][name]["per_seed"]] == [(0, False)]
+    assert summary["models"]["deepseekmoe"]["per_seed"] == []
+    logs = sorted((out / "logs").glob("*.log"))
+    assert [p.name for p in logs] == ["dense-seed-0.log", "gshard-seed-0.log"]
+    sizes = [p.stat().st_size for p in logs]
+    time.sleep(2)
+    assert [p.stat().st_size for p in logs] == sizes  # no run is left training

@@ -29,6 +29,8 @@ else
     layers) tests=(tests/test_mutation_kills.py tests/test_model.py tests/test_losses_formulas.py) ;;
     config) tests=(tests/test_model_config.py tests/test_mutation_kills.py tests/test_losses_formulas.py) ;;
     model) tests=(tests/test_model.py tests/test_mutation_kills.py) ;;
+    backend) tests=(tests/test_backend.py tests/test_model.py tests/test_mutation_kills.py tests/test_moe_decode.py) ;;
+    decode) tests=(tests/test_moe_decode.py) ;;
     generation) tests=(tests/test_generation.py) ;;
     ops) tests=(tests/test_ops_gate.py tests/test_ops_permute.py tests/test_ops_gemm.py tests/test_ops_reference.py) ;;
     checkpoint) tests=(tests/test_checkpoint.py) ;;

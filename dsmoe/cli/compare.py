@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-batches", type=int, default=None, help="validation batches (default: the budget's)")
     g.add_argument("--data", metavar="PATH", help="text file or folder (default: the Python standard library's sources)")
     g = p.add_argument_group("execution")
-    g.add_argument("--jobs", type=int, default=1, help="runs trained at the same time, in separate processes (default 1)")
+    g.add_argument("--jobs", type=int, default=1, help="runs trained at the same time, in separate processes (default 1); a SIGTERM or Ctrl-C stops them all, each saving a checkpoint, and starts no more")
     g.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     g.add_argument("--device", default="auto")
     g.add_argument("--impl", choices=("dsmoe", "reference"), default="dsmoe")
@@ -237,7 +237,8 @@ def _compare(ns: argparse.Namespace, s: dict, configs: dict, sizes: dict, out_di
     moe = [n for n in ("gshard", "deepseekmoe") if n in ns.variants]
     if len(moe) == 2 and not failed:
         print(f"specialisation of both MoEs over the seeds: dsmoe experts --compare-run {out_dir}")
-    return 1 if failed else 0
+    interrupted = [c for c in codes if c in (130, 143)]
+    return interrupted[0] if interrupted else 1 if failed else 0  # stopped by a signal: say so, as train does
 
 
 def _run_jobs(jobs: list[dict], ns: argparse.Namespace, total_steps: int) -> list[int]:
@@ -267,12 +268,7 @@ def _run_jobs(jobs: list[dict], ns: argparse.Namespace, total_steps: int) -> lis
                     codes += [codes[-1]] * (len(jobs) - len(codes))
                     break
         else:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
-
-            with ProcessPoolExecutor(max_workers=ns.jobs, mp_context=mp.get_context("spawn")) as pool:
-                futures = [pool.submit(run_one, j) for j in jobs]
-                codes = _wait(pool, futures, jobs, bar)
+            codes = _run_parallel(jobs, ns.jobs, bar)
     finally:
         stop.set()
         watcher.join()
@@ -342,39 +338,68 @@ def report(path: str) -> int:
     return 0
 
 
-def _wait(pool, futures, jobs, bar) -> list[int]:
-    """Results in order; a SIGTERM or Ctrl-C to this process is passed on to the running runs
-    (each saves a checkpoint and stops, as `dsmoe train` does) and the queued ones are dropped."""
+def _run_parallel(jobs: list[dict], n: int, bar) -> list[int]:
+    """Runs ``jobs`` in order, ``n`` processes at a time, and returns their exit codes. A SIGTERM
+    or Ctrl-C here: no further run starts, and every running run is sent SIGTERM (it finishes its
+    step, saves a checkpoint and stops, as `dsmoe train` does; a second signal stops them at once);
+    the runs that never started count as stopped. Each run is its own process group, so a
+    terminal's Ctrl-C reaches only this process, which passes it on once."""
+    import multiprocessing as mp
     import signal
-    from concurrent.futures import FIRST_COMPLETED, wait
 
-    stopping: list[int] = []
+    ctx = mp.get_context("spawn")
+    stops = (signal.SIGINT, signal.SIGTERM)
+    codes: list = [None] * len(jobs)
+    running: dict = {}  # job index -> Process
+    signals: list[int] = []
 
     def handler(signum, frame):
-        stopping.append(signum)
-        for p in list(getattr(pool, "_processes", {}).values()):
+        signals.append(signum)
+        for p in list(running.values()):
             with contextlib.suppress(OSError):
                 os.kill(p.pid, signal.SIGTERM)
 
-    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    old = {sig: signal.signal(sig, handler) for sig in stops}
     try:
-        reported = set()
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
-            if stopping:
-                for f in pending:
-                    f.cancel()
-                handler(stopping[0], None)  # runs that started meanwhile stop too
-            for i, f in enumerate(futures):
-                if f.done() and i not in reported and not f.cancelled():
-                    reported.add(i)
-                    _say(bar, _job_line(jobs[i], f.result()))
+        upcoming = 0
+        while upcoming < len(jobs) or running:
+            while not signals and upcoming < len(jobs) and len(running) < n:
+                # started with the stop signals blocked (the mask survives spawn): one that comes
+                # before the run has its handlers waits for them instead of killing it unsaved
+                signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+                try:
+                    p = ctx.Process(target=_run_in_worker, args=(jobs[upcoming],), daemon=False)
+                    p.start()
+                    running[upcoming] = p
+                finally:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+                upcoming += 1
+            if signals and upcoming < len(jobs):
+                stopped = 143 if signals[0] == signal.SIGTERM else 130
+                for i in range(upcoming, len(jobs)):
+                    codes[i] = stopped
+                upcoming = len(jobs)
+            mp.connection.wait([p.sentinel for p in running.values()], timeout=1.0)
+            for i, p in list(running.items()):
+                if p.exitcode is not None:
+                    p.join()
+                    codes[i] = p.exitcode if p.exitcode >= 0 else 128 - p.exitcode  # killed by signal N: 128 + N
+                    del running[i]
+                    _say(bar, _job_line(jobs[i], codes[i]))
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
-    stopped = 143 if stopping and stopping[0] == signal.SIGTERM else 130
-    return [stopped if f.cancelled() else f.result() for f in futures]
+        for p in running.values():  # only when this loop itself failed
+            p.terminate()
+            p.join()
+    return codes
+
+
+def _run_in_worker(job: dict) -> None:
+    """A worker process's body: its own process group (stops come from the comparison), then
+    the run; the exit code is the run's."""
+    os.setpgrp()
+    sys.exit(run_one(job))
 
 
 def _say(bar, msg: str) -> None:

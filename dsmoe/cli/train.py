@@ -335,6 +335,8 @@ class _Interrupt:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave the signals alone
                 break
+        if self._old:  # a launcher may start a run with them blocked until now (dsmoe compare --jobs)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
         return self
 
     def _handle(self, signum, frame):
