@@ -4,6 +4,7 @@
 
 #include "cpu/avx512_gemm.h"
 #include "cpu/caching_allocator.h"
+#include "cpu/moe_decode.h"
 #include "cpu/vec_kernels.h"
 #include "settings.h"
 
@@ -63,6 +64,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("advise_huge_pages", &dsmoe::cpu::advise_huge_pages,
         "madvise(MADV_HUGEPAGE [+ MADV_COLLAPSE]) on the 2 MiB-aligned part of a CPU tensor's memory; "
         "returns whether the kernel took the hint.");
+  m.def("pack_decode_weights_into", &dsmoe::cpu::pack_decode_weights_into, pybind11::arg("w_gate_up"),
+        pybind11::arg("w_down"), pybind11::arg("gate_up_out"), pybind11::arg("down_out"),
+        "pack_decode_weights into preallocated contiguous outputs (for packed copies on huge pages).");
   m.def("cpu_kernels", &cpu_kernels,
         "The CPU kernels chosen here: vec_isa (elementwise/gather kernels), bf16_gemm "
         "('avx512' or 'onednn'), fp32_gemm ('avx512', 'onednn' or 'mkl'), cpu_avx512_bf16.");

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import ops
-from ._ext import empty_huge_pages, huge_pages_enabled
+from ._ext import _C
 
 # Tokens (rows of the layer's input) up to which the MoE layer takes the decode path on CPU.
 # Measured with benchmarks/bench_decode.py (h1280 I352 E63 k7 + 2 shared, 2 threads, AVX2):
@@ -53,12 +53,20 @@ def _signature(tensors: Sequence[Tensor]) -> tuple:
     return tuple((t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype) for t in tensors)
 
 
-def _on_huge_pages(t: Tensor) -> Tensor:
-    if not huge_pages_enabled() or t.numel() * t.element_size() < 2 << 20:
-        return t
-    out = empty_huge_pages(t.shape, t.dtype)
-    out.copy_(t)
-    return out
+def _pack(w_gate_up: Tensor, w_down: Tensor) -> ops.PackedDecodeWeights:
+    """:func:`dsmoe.ops.pack_decode_weights` in one parallel pass straight into its final
+    buffers, on huge pages where they span 2 MiB or more (the ``huge_pages`` setting): the packed
+    copies are streamed by every decode step, as the expert weights are."""
+    from .backend import new_weight
+
+    if w_gate_up.dim() != 3 or w_down.dim() != 3 or w_gate_up.shape[1] % 2:
+        return ops.pack_decode_weights(w_gate_up, w_down)  # refuses them, naming what is wrong
+    E, two_i, h = w_gate_up.shape
+    nb, nbh = -(-(two_i // 2) // 8), -(-h // 8)
+    gate_up = new_weight((E, nb, h, 16), dtype=w_gate_up.dtype)
+    down = new_weight((E, nbh, 8 * nb, 8), dtype=w_gate_up.dtype)
+    _C.pack_decode_weights_into(w_gate_up, w_down, gate_up, down)
+    return ops.PackedDecodeWeights(gate_up, down)
 
 
 def _packed(key: Tensor, sources: Sequence[Tensor], make) -> ops.PackedDecodeWeights:
@@ -67,9 +75,9 @@ def _packed(key: Tensor, sources: Sequence[Tensor], make) -> ops.PackedDecodeWei
     hit = _cache.get(key)
     if hit is not None and hit[0] == sig:
         return hit[1]
+    _cache.pop(key, None)  # the old copy goes before the new one is made: one extra copy at most
     with torch.no_grad():
-        gate_up, down = make()
-        packed = ops.PackedDecodeWeights(_on_huge_pages(gate_up), _on_huge_pages(down))
+        packed = make()
     _cache[key] = (sig, packed)
     return packed
 
@@ -77,16 +85,19 @@ def _packed(key: Tensor, sources: Sequence[Tensor], make) -> ops.PackedDecodeWei
 def packed_experts(w_gate_up: Tensor, w_down: Tensor) -> ops.PackedDecodeWeights:
     """The packed form of stacked routed-expert weights w_gate_up [E, 2I, h], w_down [E, h, I],
     made on first use and cached."""
-    return _packed(w_gate_up, (w_gate_up, w_down), lambda: ops.pack_decode_weights(w_gate_up.detach(), w_down.detach()))
+    return _packed(w_gate_up, (w_gate_up, w_down), lambda: _pack(w_gate_up.detach(), w_down.detach()))
 
 
 def packed_mlp(w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> ops.PackedDecodeWeights:
     """A dense SwiGLU MLP (gate_proj [I, h], up_proj [I, h], down_proj [h, I] weights, the shared
     experts) packed as one expert, cached."""
+    from .backend import stacked_alias
 
     def make():
-        gate_up = torch.cat([w_gate.detach(), w_up.detach()]).unsqueeze(0)
-        return ops.pack_decode_weights(gate_up, w_down.detach().unsqueeze(0))
+        gate_up = stacked_alias(w_gate.detach(), w_up.detach())  # the MLP keeps them back to back
+        if gate_up is None:
+            gate_up = torch.cat([w_gate.detach(), w_up.detach()])
+        return _pack(gate_up.unsqueeze(0), w_down.detach().unsqueeze(0))
 
     return _packed(w_gate, (w_gate, w_up, w_down), make)
 
@@ -135,9 +146,11 @@ def applies(x: Tensor, tensors: Sequence[Tensor], training: bool) -> bool:
     enabled, eager (the compiler traces the plain ops), CPU, T <= DECODE_MAX_TOKENS, not
     training, nothing that needs a gradient, no autocast, one dtype the kernel reads, plain
     tensors (not sharded)."""
-    if training or torch.compiler.is_compiling() or not enabled():  # the settings are read eagerly only
+    if training or torch.compiler.is_compiling():  # the settings are read eagerly only
         return False
     if x.device.type != "cpu" or x.dim() != 2 or x.shape[0] > DECODE_MAX_TOKENS or x.dtype not in _DECODE_DTYPES:
+        return False
+    if not enabled():
         return False
     if torch.is_autocast_enabled("cpu"):
         return False

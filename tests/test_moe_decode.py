@@ -141,6 +141,70 @@ def test_packed_layout():
     assert (dn[:, :, I:, :] == 0).all() and (dn[:, 1, :, 2:] == 0).all()
 
 
+def _packed_by_formula(wgu: torch.Tensor, wd: torch.Tensor):
+    """The packed layout element by element: gu[e, b, c, lane] = gate (lane < 8) or up row
+    8b + lane % 8, column c; dn[e, b, i, lane] = w_down[e, 8b + lane, i]; zeros past I and h."""
+    E, two_i, h = wgu.shape
+    I = two_i // 2
+    nb, nbh = -(-I // 8), -(-h // 8)
+    gu = torch.zeros(E, nb, h, 16, dtype=wgu.dtype)
+    dn = torch.zeros(E, nbh, 8 * nb, 8, dtype=wgu.dtype)
+    for e in range(E):
+        for row in range(I):
+            gu[e, row // 8, :, row % 8] = wgu[e, row]
+            gu[e, row // 8, :, 8 + row % 8] = wgu[e, I + row]
+        for row in range(h):
+            dn[e, row // 8, :I, row % 8] = wd[e, row]
+    return gu, dn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("E,I,h", [(1, 1, 1), (3, 11, 10), (2, 16, 24), (5, 9, 17), (0, 8, 8)])
+def test_packing_matches_the_layout_formula(E, I, h, dtype):
+    """Every element of both packed tensors, through the op and through the one-pass packing
+    into preallocated (poisoned) buffers that the decode cache uses, also from strided inputs."""
+    from dsmoe._ext import _C
+
+    torch.manual_seed(E * 100 + I)
+    wgu = torch.randn(E, 2 * I, h).to(dtype)
+    wd = torch.randn(E, I, h).to(dtype).transpose(1, 2)  # not contiguous
+    want_gu, want_dn = _packed_by_formula(wgu, wd)
+    gu, dn = ops.pack_decode_weights(wgu, wd)
+    assert torch.equal(gu, want_gu) and torch.equal(dn, want_dn)
+    out_gu = torch.full_like(want_gu, float("nan"))
+    out_dn = torch.full_like(want_dn, float("nan"))
+    _C.pack_decode_weights_into(wgu, wd, out_gu, out_dn)
+    assert torch.equal(out_gu, want_gu) and torch.equal(out_dn, want_dn)
+    packed = decode._pack(wgu, wd)  # what the cache holds
+    assert torch.equal(packed.gate_up, want_gu) and torch.equal(packed.down, want_dn)
+
+
+def test_packing_into_refuses_wrong_buffers():
+    from dsmoe._ext import _C
+
+    wgu, wd = torch.randn(2, 22, 10), torch.randn(2, 10, 11)
+    gu, dn = ops.pack_decode_weights(wgu, wd)
+    for bad_gu, bad_dn, message in [
+        (gu[:, :1], dn, "gate_up_out must be a contiguous CPU tensor of shape \\[2, 2, 10, 16\\]"),
+        (gu.transpose(2, 3).contiguous().transpose(2, 3), dn, "gate_up_out must be a contiguous"),
+        (gu, dn.double(), "down_out must be a contiguous CPU tensor of shape \\[2, 2, 16, 8\\] and dtype Float"),
+    ]:
+        with pytest.raises(RuntimeError, match=message):
+            _C.pack_decode_weights_into(wgu, wd, bad_gu, bad_dn)
+    with pytest.raises(RuntimeError, match="w_down.size\\(2\\) must be 11"):
+        _C.pack_decode_weights_into(wgu, wd[:, :, :5], gu, dn)
+
+
+def test_packed_copies_of_large_weights_are_on_huge_pages():
+    E, I, h = 4, 256, 512  # 2 MiB of fp32 gate|up
+    wgu, wd = torch.randn(E, 2 * I, h), torch.randn(E, h, I)
+    with dsmoe.use_backend(huge_pages=True):
+        packed = decode._pack(wgu, wd)
+    assert packed.gate_up.data_ptr() % (2 << 20) == 0 and packed.down.data_ptr() % (2 << 20) == 0
+    with dsmoe.use_backend(huge_pages=False):
+        assert torch.equal(decode._pack(wgu, wd).gate_up, packed.gate_up)
+
+
 # ---------------------------------------------------------------- the cache
 
 

@@ -28,6 +28,8 @@
 //   by the vector width.
 // Limits: inference only (no autograd formula; dsmoe/ops.py raises on backward); ids >=
 // num_experts (expert-parallel sentinels) contribute zero, negative ids are an error.
+#include "moe_decode.h"
+
 #include "../check.h"
 
 #include <ATen/ATen.h>
@@ -224,9 +226,11 @@ void check_cpu(const char* op, const char* name, const at::Tensor& t) {
 
 // ---------------------------------------------------------------- packing
 
-std::tuple<at::Tensor, at::Tensor> pack_decode_weights_cpu(const at::Tensor& w_gate_up,
-                                                           const at::Tensor& w_down) {
-  const char* op = "pack_decode_weights";
+struct PackShape {
+  int64_t E, h, I, nb, Ip, nbh;
+};
+
+PackShape check_pack_inputs(const char* op, const at::Tensor& w_gate_up, const at::Tensor& w_down) {
   check_dim(op, "w_gate_up", w_gate_up, 3, "[num_experts, 2 * intermediate, hidden]");
   check_dim(op, "w_down", w_down, 3, "[num_experts, hidden, intermediate]");
   check_decode_dtype(op, "w_gate_up", w_gate_up);
@@ -242,20 +246,98 @@ std::tuple<at::Tensor, at::Tensor> pack_decode_weights_cpu(const at::Tensor& w_g
   check_size(op, "w_down", w_down, 0, E, "num_experts of w_gate_up");
   check_size(op, "w_down", w_down, 1, h, "hidden = w_gate_up.size(2)");
   check_size(op, "w_down", w_down, 2, I, "intermediate = w_gate_up.size(1) / 2");
-  const int64_t nb = ceil_div(I, 8), Ip = nb * 8, nbh = ceil_div(h, 8), Hp = nbh * 8;
-  // gate and up rows padded to Ip, as [E, nb, 8, h] each, side by side in 16 rows, then each
-  // column's 16 values made contiguous
-  const at::Tensor gate = at::constant_pad_nd(w_gate_up.narrow(1, 0, I), {0, 0, 0, Ip - I});
-  const at::Tensor up = at::constant_pad_nd(w_gate_up.narrow(1, I, I), {0, 0, 0, Ip - I});
-  at::Tensor gu = at::cat({gate.view({E, nb, 8, h}), up.view({E, nb, 8, h})}, 2)
-                      .transpose(2, 3)
-                      .contiguous();
-  at::Tensor down = at::constant_pad_nd(w_down, {0, Ip - I, 0, Hp - h})
-                        .view({E, nbh, 8, Ip})
-                        .transpose(2, 3)
-                        .contiguous();
+  const int64_t nb = ceil_div(I, 8);
+  return {E, h, I, nb, nb * 8, ceil_div(h, 8)};
+}
+
+// The packing as one parallel pass that reads each weight once and writes each packed element
+// once (zeros in the padding), on the raw bits (T: an unsigned type of the element's size).
+// Units are blocks of 8 rows (a few KB to tens of KB of output), so a unit's scattered writes
+// stay in cache.
+template <typename T>
+void pack_bits(const T* gate_up, const T* down, T* gu_out, T* down_out, const PackShape& s) {
+  const int64_t E = s.E, h = s.h, I = s.I, nb = s.nb, Ip = s.Ip, nbh = s.nbh;
+  at::parallel_for(0, E * nb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t e = unit / nb, b = unit % nb;
+      T* dst = gu_out + unit * h * 16;
+      for (int64_t r = 0; r < 8; ++r) {
+        const int64_t row = b * 8 + r;
+        if (row < I) {
+          const T* g = gate_up + (e * 2 * I + row) * h;
+          const T* u = gate_up + (e * 2 * I + I + row) * h;
+          for (int64_t c = 0; c < h; ++c) {
+            dst[c * 16 + r] = g[c];
+            dst[c * 16 + 8 + r] = u[c];
+          }
+        } else {
+          for (int64_t c = 0; c < h; ++c) dst[c * 16 + r] = dst[c * 16 + 8 + r] = T(0);
+        }
+      }
+    }
+  });
+  at::parallel_for(0, E * nbh, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t e = unit / nbh, b = unit % nbh;
+      T* dst = down_out + unit * Ip * 8;
+      for (int64_t r = 0; r < 8; ++r) {
+        const int64_t row = b * 8 + r;
+        if (row < h) {
+          const T* src = down + (e * h + row) * I;
+          for (int64_t i = 0; i < I; ++i) dst[i * 8 + r] = src[i];
+          for (int64_t i = I; i < Ip; ++i) dst[i * 8 + r] = T(0);
+        } else {
+          for (int64_t i = 0; i < Ip; ++i) dst[i * 8 + r] = T(0);
+        }
+      }
+    }
+  });
+}
+
+void pack_into(const char* op, const at::Tensor& w_gate_up, const at::Tensor& w_down, at::Tensor& gu,
+               at::Tensor& down, const PackShape& s) {
+  const at::Tensor src_gu = w_gate_up.contiguous(), src_down = w_down.contiguous();
+  if (gu.numel() == 0 && down.numel() == 0) return;  // no experts
+  if (w_gate_up.element_size() == 4) {
+    pack_bits(static_cast<const uint32_t*>(src_gu.data_ptr()), static_cast<const uint32_t*>(src_down.data_ptr()),
+              static_cast<uint32_t*>(gu.data_ptr()), static_cast<uint32_t*>(down.data_ptr()), s);
+  } else {
+    TORCH_CHECK(w_gate_up.element_size() == 2, "dsmoe.", op, ": unexpected element size");
+    pack_bits(static_cast<const uint16_t*>(src_gu.data_ptr()), static_cast<const uint16_t*>(src_down.data_ptr()),
+              static_cast<uint16_t*>(gu.data_ptr()), static_cast<uint16_t*>(down.data_ptr()), s);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> pack_decode_weights_cpu(const at::Tensor& w_gate_up,
+                                                           const at::Tensor& w_down) {
+  const PackShape s = check_pack_inputs("pack_decode_weights", w_gate_up, w_down);
+  at::Tensor gu = at::empty({s.E, s.nb, s.h, 16}, w_gate_up.options());
+  at::Tensor down = at::empty({s.E, s.nbh, s.Ip, 8}, w_gate_up.options());
+  pack_into("pack_decode_weights", w_gate_up, w_down, gu, down, s);
   return {gu, down};
 }
+
+}  // namespace
+
+// Declared in moe_decode.h, for dsmoe._C.
+void pack_decode_weights_into(const at::Tensor& w_gate_up, const at::Tensor& w_down, at::Tensor gu,
+                              at::Tensor down) {
+  const char* op = "pack_decode_weights_into";
+  const PackShape s = check_pack_inputs(op, w_gate_up, w_down);
+  TORCH_CHECK(gu.sizes() == at::IntArrayRef({s.E, s.nb, s.h, 16}) && gu.is_contiguous() &&
+                  gu.dtype() == w_gate_up.dtype() && gu.device().is_cpu(),
+              "dsmoe.", op, ": gate_up_out must be a contiguous CPU tensor of shape [", s.E, ", ", s.nb,
+              ", ", s.h, ", 16] and dtype ", w_gate_up.scalar_type(), ", got ", gu.sizes(), " ",
+              gu.scalar_type());
+  TORCH_CHECK(down.sizes() == at::IntArrayRef({s.E, s.nbh, s.Ip, 8}) && down.is_contiguous() &&
+                  down.dtype() == w_gate_up.dtype() && down.device().is_cpu(),
+              "dsmoe.", op, ": down_out must be a contiguous CPU tensor of shape [", s.E, ", ", s.nbh,
+              ", ", s.Ip, ", 8] and dtype ", w_gate_up.scalar_type(), ", got ", down.sizes(), " ",
+              down.scalar_type());
+  pack_into(op, w_gate_up, w_down, gu, down, s);
+}
+
+namespace {
 
 // ---------------------------------------------------------------- decode
 
