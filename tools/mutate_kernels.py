@@ -58,6 +58,7 @@ GEMM_T = ["tests/test_ops_gemm.py", "tests/test_cpu_fastpaths.py", "tests/test_m
           "grouped_gemm or vec_kernels"]
 SWIGLU_T = ["tests/test_ops_gemm.py", "tests/test_cpu_fastpaths.py", "tests/test_mutation_kills.py", "-k",
             "swiglu or vec_kernels"]
+DECODE_T = ["tests/test_moe_decode.py"]
 SIMT_GATE_T = ["tests/test_cuda_ops.py", "-k", "gate"]
 SIMT_PERMUTE_T = ["tests/test_cuda_ops.py", "-k", "permute or unpermute or routing"]
 SIMT_SWIGLU_T = ["tests/test_cuda_ops.py", "-k", "swiglu"]
@@ -189,6 +190,33 @@ MUTANTS = [
     Mutant("cpu-swiglu-chunk-offset", "csrc/cpu/swiglu.cpp",
            "kernel(in + begin * 2 * I, o + begin * I, end - begin, I);", "kernel(in + begin * I, o + begin * I, end - begin, I);",
            SWIGLU_T, why="thread chunks after the first read the wrong rows"),
+    # ---- decode on packed weights (csrc/cpu/moe_decode.cpp) ----
+    Mutant("cpu-decode-pack-gate-up-swapped", "csrc/cpu/moe_decode.cpp",
+           "dst[c * 16 + r] = g[c];\n            dst[c * 16 + 8 + r] = u[c];",
+           "dst[c * 16 + r] = u[c];\n            dst[c * 16 + 8 + r] = g[c];",
+           DECODE_T, why="packing puts the up rows in the gate lanes and back"),
+    Mutant("cpu-decode-pack-padding-kept", "csrc/cpu/moe_decode.cpp",
+           "for (int64_t c = 0; c < h; ++c) dst[c * 16 + r] = dst[c * 16 + 8 + r] = T(0);",
+           "for (int64_t c = 0; c < 0; ++c) dst[c * 16 + r] = dst[c * 16 + 8 + r] = T(0);",
+           DECODE_T, why="zero-fill removed: the gate|up rows past I keep what the buffer held"),
+    Mutant("cpu-decode-pack-down-padding-kept", "csrc/cpu/moe_decode.cpp",
+           "for (int64_t i = I; i < Ip; ++i) dst[i * 8 + r] = T(0);",
+           "for (int64_t i = I; i < I; ++i) dst[i * 8 + r] = T(0);",
+           DECODE_T, why="zero-fill removed: the down columns past I keep what the buffer held"),
+    Mutant("cpu-decode-output-tail", "csrc/cpu/moe_decode.cpp",
+           "const int64_t cols = std::min<int64_t>(8, h - b * 8);",
+           "const int64_t cols = std::min<int64_t>(8, h - b * 8 - 1);",
+           DECODE_T, why="tail skipped: the last output column of h is never written"),
+    Mutant("cpu-decode-routing-weight-ignored", "csrc/cpu/moe_decode.cpp",
+           "      scales[r] = w[f];", "      scales[r] = 1.0f;",
+           DECODE_T, why="the routing weight is not applied to the routed experts' outputs"),
+    Mutant("cpu-decode-shared-weight", "csrc/cpu/moe_decode.cpp",
+           "scales[routed_rows + t] = 1.0f;", "scales[routed_rows + t] = 0.5f;",
+           DECODE_T, why="the shared experts' output is scaled instead of added as it is"),
+    Mutant("cpu-decode-last-work-unit", "csrc/cpu/moe_decode.cpp",
+           "for (int64_t u = next.fetch_add(1); u < n; u = next.fetch_add(1)) body(u);",
+           "for (int64_t u = next.fetch_add(1); u < n - 1; u = next.fetch_add(1)) body(u);",
+           DECODE_T, why="thread split boundary shifted: the last work unit of each pass is never run"),
     # ---- CUDA kernels under the SIMT emulator ----
     Mutant("simt-gate-tie-rule", "csrc/cuda/gate.cu",
            "return (tag_a & ((1 << kStatus) - 1)) < (tag_b & ((1 << kStatus) - 1));",
