@@ -195,3 +195,49 @@ def test_config_unknown_fields_and_presets_messages():
             "unknown preset 'nope'; choose one of deepseek-moe-2b, deepseek-moe-16b, deepseek-moe-145b, small, tiny "
             "(or 2b/16b/145b)")):
         get_preset("nope")
+
+
+# ---------------------------------------------------------------- dsmoe/layers.py (mutmut survivors)
+def test_rmsnorm_default_eps_is_the_seeds():
+    """DeepseekRMSNorm's default eps is 1e-6: visible where the mean square is of its order."""
+    from dsmoe.layers import RMSNorm
+
+    x = torch.full((2, 8), 1e-3, dtype=torch.float64)  # mean square 1e-6: eps counts half
+    want = x / torch.sqrt(torch.tensor(1e-6 + 1e-6, dtype=torch.float64))
+    torch.testing.assert_close(RMSNorm(8).double()(x), want, rtol=1e-6, atol=0)  # (fp32 inside)
+
+
+def test_block_norms_take_the_configured_eps_and_keep_their_index():
+    from dsmoe.layers import DeepSeekMoEBlock
+
+    config = _tiny_config(rms_norm_eps=0.25)
+    block = DeepSeekMoEBlock(config, 1)
+    assert block.layer_idx == 1
+    x = torch.full((1, 3, 32), 0.5)  # mean square 0.25: normalised by sqrt(0.25 + 0.25)
+    for norm in (block.input_layernorm, block.post_attention_layernorm):
+        torch.testing.assert_close(norm(x), torch.full_like(x, 0.5 / 0.5 ** 0.5))
+
+
+@pytest.mark.parametrize("impl", [None, "dsmoe", "reference"])
+def test_block_builds_its_moe_layer_with_the_backend_it_is_given(impl):
+    from dsmoe.layers import DeepSeekMoEBlock
+
+    config = _tiny_config(first_k_dense_replace=0)
+    block = DeepSeekMoEBlock(config, 0) if impl is None else DeepSeekMoEBlock(config, 0, moe_impl=impl)
+    assert block.is_moe and block.mlp.impl == (impl or "dsmoe")
+
+
+def test_noisy_router_noise_has_the_learned_std():
+    """In training the logits get N(0, 1) * softplus(x W_noise^T): with W_noise = 0 the noise's
+    std is softplus(0) = ln 2 around the plain logits (the seeds' README NoisyTopKRouter)."""
+    import math
+
+    from dsmoe.layers import NoisyTopKRouter
+
+    router = NoisyTopKRouter(_tiny_config())
+    x = torch.randn(20000, 32)
+    plain = torch.nn.functional.linear(x, router.weight)
+    torch.manual_seed(0)
+    noise = (router.train().logits(x) - plain).detach()
+    assert abs(noise.std().item() - math.log(2.0)) < 0.01 and abs(noise.mean().item()) < 0.01
+    assert torch.equal(router.eval().logits(x), plain)
