@@ -43,7 +43,9 @@ pybind11::dict build_info() {
 pybind11::dict cpu_kernels() {
   pybind11::dict info;
   info["vec_isa"] = dsmoe::cpu::vec_kernels_isa();
-  info["bf16_gemm"] = dsmoe::cpu::bf16_gemm_kernel() != nullptr ? "avx512" : "onednn";
+  info["bf16_gemm"] = dsmoe::cpu::bf16_gemm_kernel() != nullptr ? "avx512"
+                      : dsmoe::cpu::bf16_gemm_in_fp32()        ? "fp32"
+                                                               : "onednn";
   info["fp32_gemm"] =
       dsmoe::cpu::fp32_gemm_kernel() != nullptr ? "avx512" : dsmoe::cpu::fp32_blas_choice();
   info["cpu_avx512_bf16"] = dsmoe::cpu::cpu_has_avx512_bf16();
@@ -69,7 +71,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "pack_decode_weights into preallocated contiguous outputs (for packed copies on huge pages).");
   m.def("cpu_kernels", &cpu_kernels,
         "The CPU kernels chosen here: vec_isa (elementwise/gather kernels), bf16_gemm "
-        "('avx512' or 'onednn'), fp32_gemm ('avx512', 'onednn' or 'mkl'), cpu_avx512_bf16.");
+        "('avx512', 'fp32' or 'onednn'), fp32_gemm ('avx512', 'onednn' or 'mkl'), cpu_avx512_bf16.");
   m.def("get_settings", &dsmoe::get_settings,
         "The kernels' run-time settings (settings.h) as name -> value; the environment variables "
         "are read on first use.");

@@ -21,7 +21,7 @@ enum Index : int { kCpuBf16, kCpuFp32, kCudaPath, kCudaTile, kCudaVerbose, kCoun
 
 const std::array<Entry, kCount>& entries() {
   static const std::array<Entry, kCount> e{{
-      {"cpu_bf16_gemm", "DSMOE_CPU_BF16_GEMM", {"auto", "onednn", "avx512"}},
+      {"cpu_bf16_gemm", "DSMOE_CPU_BF16_GEMM", {"auto", "onednn", "avx512", "fp32"}},
       {"cpu_fp32_gemm", "DSMOE_CPU_FP32_GEMM", {"auto", "avx512", "onednn", "mkl"}},
       {"cuda_gemm_path", "DSMOE_GROUPED_GEMM_PATH", {"auto", "sm90", "sm80", "simt"}},
       {"cuda_gemm_tile", "DSMOE_GROUPED_GEMM_TILE", {"auto", "wide", "narrow"}},
@@ -68,8 +68,8 @@ int value_of(int index) {
 }  // namespace
 
 CpuGemm cpu_bf16_gemm_setting() {
-  // values: auto onednn avx512
-  static constexpr CpuGemm map[] = {CpuGemm::kAuto, CpuGemm::kOnednn, CpuGemm::kAvx512};
+  // values: auto onednn avx512 fp32
+  static constexpr CpuGemm map[] = {CpuGemm::kAuto, CpuGemm::kOnednn, CpuGemm::kAvx512, CpuGemm::kFp32};
   return map[value_of(kCpuBf16)];
 }
 

@@ -10,12 +10,12 @@
 
 namespace dsmoe {
 
-enum class CpuGemm : int { kAuto, kAvx512, kOnednn, kMkl };
+enum class CpuGemm : int { kAuto, kAvx512, kOnednn, kMkl, kFp32 };
 enum class CudaGemmPath : int { kAuto, kSm90, kSm80, kSimt };
 enum class CudaGemmTile : int { kAuto, kWide, kNarrow };
 
 // The entries (name -> environment variable -> values):
-//   cpu_bf16_gemm     DSMOE_CPU_BF16_GEMM         auto | onednn | avx512
+//   cpu_bf16_gemm     DSMOE_CPU_BF16_GEMM         auto | onednn | avx512 | fp32
 //   cpu_fp32_gemm     DSMOE_CPU_FP32_GEMM         auto | avx512 | onednn | mkl
 //   cuda_gemm_path    DSMOE_GROUPED_GEMM_PATH     auto | sm90 | sm80 | simt
 //   cuda_gemm_tile    DSMOE_GROUPED_GEMM_TILE     auto | wide | narrow

@@ -261,7 +261,7 @@ def test_grouped_gemm_fp32_backends(backend):
 
 @pytest.mark.parametrize("variable, dtype, message", [
     ("DSMOE_CPU_FP32_GEMM", "float32", "DSMOE_CPU_FP32_GEMM must be 'auto', 'avx512', 'onednn' or 'mkl'"),
-    ("DSMOE_CPU_BF16_GEMM", "bfloat16", "DSMOE_CPU_BF16_GEMM must be 'auto', 'onednn' or 'avx512'"),
+    ("DSMOE_CPU_BF16_GEMM", "bfloat16", "DSMOE_CPU_BF16_GEMM must be 'auto', 'onednn', 'avx512' or 'fp32'"),
 ])
 def test_grouped_gemm_backend_bad_value(variable, dtype, message):
     env = dict(os.environ, **{variable: "cublas"})
@@ -313,11 +313,53 @@ print("OK")
 """
 
 
-@pytest.mark.parametrize("backend", ["onednn", "avx512"])
+@pytest.mark.parametrize("backend", ["onednn", "avx512", "fp32"])
 def test_grouped_gemm_bf16_backends(backend):
-    # bf16 GEMMs run on dsmoe's AVX512-BF16 kernel where the CPU has it and no AMX, else on oneDNN
-    # (avx512_gemm.h).
+    # bf16 GEMMs run on dsmoe's AVX512-BF16 kernel where the CPU has it and no AMX, in fp32 (parts
+    # of 5+ rows converted, fp32 BLAS) where the CPU has no bf16 arithmetic, else on oneDNN
+    # (avx512_gemm.h); each can be asked for, and all give the fp64 product within a bf16 rounding.
     _run_backend_script("DSMOE_CPU_BF16_GEMM", backend, _BF16_GEMM_SCRIPT)
+
+
+def test_bf16_gemm_auto_choice():
+    # auto: the AVX512-BF16 kernel where it runs, oneDNN on AMX, fp32 where the CPU has neither
+    # (a CPU with AMX has AVX512-BF16 too).
+    import dsmoe
+
+    with dsmoe.use_backend(cpu_bf16_gemm="auto"):
+        info = dsmoe.cpu_kernels()
+    if not info["cpu_avx512_bf16"]:
+        assert info["bf16_gemm"] == "fp32"
+    else:
+        assert info["bf16_gemm"] in ("avx512", "onednn")
+    for choice in ("onednn", "fp32"):
+        with dsmoe.use_backend(cpu_bf16_gemm=choice):
+            assert dsmoe.cpu_kernels()["bf16_gemm"] == choice
+
+
+def test_bf16_gemm_in_fp32_matches_onednn_every_path():
+    # The fp32 route against oneDNN's bf16 GEMM on the same inputs, through each path of the
+    # grouped GEMM that can take it: the decode column split (every group <= 16 rows, parts of
+    # 5-16 rows), row shares (a group straddling the threads' ranges) and the weight gradient.
+    # Both sum in fp32 and round once, so they agree to a bf16 rounding of the result.
+    import dsmoe
+    from dsmoe import ops
+
+    torch.manual_seed(0)
+    for counts in ([5, 0, 16, 1, 9], [70, 3, 200, 6], [1, 2, 3, 4]):
+        off = offsets_from_counts(counts, "cpu")
+        M, K, N = sum(counts), 72, 40
+        a = torch.randn(M, K).bfloat16()
+        g = torch.randn(M, N).bfloat16()
+        for trans_b in (True, False):
+            b = (torch.randn(len(counts), *((N, K) if trans_b else (K, N))) / K**0.5).bfloat16()
+            got = {}
+            for choice in ("onednn", "fp32"):
+                with dsmoe.use_backend(cpu_bf16_gemm=choice):
+                    got[choice] = (ops.grouped_gemm(a, b, off, trans_b), ops.grouped_gemm_wgrad(a, g, off, trans_b))
+            for x, y in zip(got["fp32"], got["onednn"]):
+                assert x.dtype == torch.bfloat16
+                torch.testing.assert_close(x.float(), y.float(), rtol=1e-2, atol=1e-2)
 
 
 def test_cpu_kernels_reports_choice():
@@ -325,7 +367,7 @@ def test_cpu_kernels_reports_choice():
 
     info = dsmoe.cpu_kernels()
     assert info["vec_isa"] in ("AVX512", "AVX2", "DEFAULT")
-    assert info["bf16_gemm"] in ("avx512", "onednn")
+    assert info["bf16_gemm"] in ("avx512", "onednn", "fp32")
     assert info["fp32_gemm"] in ("avx512", "onednn", "mkl")
     if "avx512" in (info["bf16_gemm"], info["fp32_gemm"]):
         assert info["cpu_avx512_bf16"]

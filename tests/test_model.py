@@ -406,7 +406,15 @@ def test_mlp_own_cpu_gemm_follows_the_chosen_kernel():
     for dtype, key in ((torch.bfloat16, "bf16_gemm"), (torch.float32, "fp32_gemm")):
         mlp = MLP(16, 8).to(dtype)
         x = torch.randn(rows, 16, dtype=dtype)
-        assert backend._on_own_cpu_gemm(mlp, x) == (kernels[key] == "avx512")
+        assert backend._on_own_cpu_gemm(mlp, x) == (kernels[key] in ("avx512", "fp32"))
+    # bf16 converted to fp32 (CPUs without bf16 arithmetic) pays from BF16_IN_FP32_MIN_ROWS rows
+    mlp = MLP(16, 8).bfloat16()
+    with dsmoe.use_backend(cpu_bf16_gemm="fp32"):
+        few = dsmoe.backend.BF16_IN_FP32_MIN_ROWS
+        assert backend._on_own_cpu_gemm(mlp, torch.randn(few, 16).bfloat16())
+        assert not backend._on_own_cpu_gemm(mlp, torch.randn(few - 1, 16).bfloat16())
+    with dsmoe.use_backend(cpu_bf16_gemm="onednn"):
+        assert not backend._on_own_cpu_gemm(mlp, torch.randn(rows, 16).bfloat16())
     mlp = MLP(16, 8).half()
     assert not backend._on_own_cpu_gemm(mlp, torch.randn(rows, 16).half())
 

@@ -21,7 +21,7 @@ struct CpuFeatures {
   bool amx_bf16 = false;
 };
 
-CpuFeatures cpu_features() {
+CpuFeatures read_cpu_features() {
   CpuFeatures f;
 #if defined(__x86_64__)
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
@@ -33,6 +33,11 @@ CpuFeatures cpu_features() {
     }
   }
 #endif
+  return f;
+}
+
+const CpuFeatures& cpu_features() {
+  static const CpuFeatures f = read_cpu_features();
   return f;
 }
 
@@ -73,6 +78,13 @@ bool cpu_has_avx512_bf16() { return cpu_features().avx512_bf16; }
 // Chosen per call from the settings table (settings.h): an atomic load.
 const Avx512Gemm<c10::BFloat16>* bf16_gemm_kernel() {
   return want_kernel("cpu_bf16_gemm", cpu_bf16_gemm_setting()) ? &kernels().bf16 : nullptr;
+}
+
+bool bf16_gemm_in_fp32() {
+  const CpuGemm choice = cpu_bf16_gemm_setting();
+  if (choice != CpuGemm::kAuto) return choice == CpuGemm::kFp32;
+  const CpuFeatures cpu = cpu_features();
+  return !cpu.avx512_bf16 && !cpu.amx_bf16;
 }
 
 const Avx512Gemm<float>* fp32_gemm_kernel() {

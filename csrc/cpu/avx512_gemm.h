@@ -67,13 +67,18 @@ inline constexpr int64_t kSmallGemmMaxRows = 4;
 
 // The kernels, or nullptr where the BLAS is chosen: no AVX512-BF16, AMX present, ATen's CPU
 // capability below AVX512 (ATEN_CPU_CAPABILITY), or the environment says so:
-// DSMOE_CPU_BF16_GEMM=auto|onednn|avx512 and DSMOE_CPU_FP32_GEMM=auto|onednn|mkl|avx512 (avx512
+// DSMOE_CPU_BF16_GEMM=auto|onednn|avx512|fp32 and DSMOE_CPU_FP32_GEMM=auto|onednn|mkl|avx512 (avx512
 // asks for the kernel on an AMX CPU too, and is an error without AVX512-BF16).
 const Avx512Gemm<c10::BFloat16>* bf16_gemm_kernel();
 const Avx512Gemm<float>* fp32_gemm_kernel();
 
 // The fp32 BLAS that runs where fp32_gemm_kernel() is nullptr: "onednn" (default) or "mkl".
 const char* fp32_blas_choice();
+
+// Whether bf16 GEMMs of more than a few rows compute in fp32 (converted operands, fp32 BLAS):
+// DSMOE_CPU_BF16_GEMM=fp32, or auto on a CPU without bf16 arithmetic (no AVX512-BF16, no AMX),
+// where oneDNN emulates it.
+bool bf16_gemm_in_fp32();
 
 // Whether the CPU has AVX512-BF16 (cpuid), whatever is chosen.
 bool cpu_has_avx512_bf16();

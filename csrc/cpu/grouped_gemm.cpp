@@ -87,6 +87,12 @@ constexpr int64_t kStreamedMaxBytes = 512 * 1024;
 // Up to this many rows in every group, grouped_gemm splits columns over threads, not rows.
 constexpr int64_t kColumnSplitRows = 16;
 
+// bf16 parts of at least this many rows (every part small_gemm_nt does not take) run in fp32 where
+// the CPU has no bf16 arithmetic (see grouped_gemm_cpu). Measured on the 2B layer's gate|up GEMM
+// (63 experts, h 1280, I 880) on a 2-core AVX2 EPYC: 5 rows per expert 129 -> 66 ms, 28 rows 469
+// -> 139 ms (2 threads).
+constexpr int64_t kFp32MinRows = cpu::kSmallGemmRows + 1;
+
 // fp32 GEMMs of the forward and the input gradient go to oneDNN's matmul rather than MKL's sgemm:
 // measured single-threaded on this AMD Zen 4 machine at the expert shapes (114-512 rows, K and N
 // 128-1280) 81-98 GFLOP/s against 71-87 for MKL. ATen runs oneDNN matmuls through
@@ -153,6 +159,29 @@ void mm_rows_padded(const at::Tensor& a, int64_t r, int64_t m, const at::Tensor&
     gemm_out(c_pad, a_pad, bg);
     rows_c.copy_(c_pad.narrow(0, 0, m));
   }
+}
+
+// Calls fn(r, m) for the chunks [r, r + m) of rows [lo, hi) that go to oneDNN: equal chunks of at
+// most kRowChunk rows (each then padded to a multiple of kRowQuantum by mm_rows_padded).
+template <typename Fn>
+void for_each_onednn_chunk(int64_t lo, int64_t hi, const Fn& fn) {
+  const int64_t pieces = (hi - lo + kRowChunk - 1) / kRowChunk;
+  const int64_t chunk = round_up((hi - lo + pieces - 1) / pieces, kRowQuantum);
+  for (int64_t r = lo; r < hi;) {
+    const int64_t m = std::min(chunk, hi - r);
+    fn(r, m);
+    r += m;
+  }
+}
+
+// c = a @ b, all fp32, through the fp32 BLAS in force: MKL as one GEMM, oneDNN in the shapes of
+// for_each_onednn_chunk.
+void fp32_gemm(at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
+  if (onednn_fp32_matmul() == nullptr) {
+    at::mm_out(c, a, b);
+    return;
+  }
+  for_each_onednn_chunk(0, a.size(0), [&](int64_t r, int64_t m) { mm_rows_padded(a, r, m, b, c); });
 }
 
 // Calls fn(g, lo, hi) for each thread's part [lo, hi) of each thread's equal share of the rows
@@ -283,6 +312,20 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b, const a
       avx512_gemm_part(kernel, a, b, c, g, lo, hi, trans_b, n0, n1);
     });
   };
+  // bf16 where the CPU has no bf16 arithmetic (no AVX512-BF16, no AMX; setting cpu_bf16_gemm):
+  // oneDNN emulates it (~10 GFLOP/s per core on an AVX2 EPYC against 40-70 for fp32), so a part of
+  // kFp32MinRows rows or more converts its rows of a and its slice of the weight to fp32,
+  // multiplies in fp32 and rounds c once: the same products, summed in fp32 as oneDNN sums them.
+  // The conversion reads the weight once more, paid back from a few rows on.
+  const bool in_fp32 = a.scalar_type() == at::kBFloat16 && cpu::bf16_gemm_in_fp32();
+  const auto fp32_part = [&](int64_t g, int64_t lo, int64_t hi, int64_t n0, int64_t n1) {
+    const at::Tensor af = a.narrow(0, lo, hi - lo).to(at::kFloat);
+    const at::Tensor bf = trans_b ? b.select(0, g).narrow(0, n0, n1 - n0).to(at::kFloat).t()
+                                  : b.select(0, g).narrow(1, n0, n1 - n0).to(at::kFloat);
+    at::Tensor cf = at::empty({hi - lo, n1 - n0}, af.options());
+    fp32_gemm(cf, af, bf);
+    c.narrow(0, lo, hi - lo).narrow(1, n0, n1 - n0).copy_(cf);
+  };
   // Parts of a few rows: one pass over b's rows (see vec_kernels.h; avx512_gemm.h's where it
   // runs), when b is nn.Linear-layout.
   std::function<void(int64_t, int64_t, int64_t, int64_t, int64_t)> small;  // g, rows, columns
@@ -322,6 +365,8 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b, const a
             small(g, lo, hi, n0, n1);
           } else if (own_kernel) {
             own_part(g, lo, hi, n0, n1);
+          } else if (in_fp32 && hi - lo >= kFp32MinRows) {
+            fp32_part(g, lo, hi, n0, n1);
           } else {
             auto part = c.narrow(0, lo, hi - lo).narrow(1, n0, n1 - n0);
             at::mm_out(part, a.narrow(0, lo, hi - lo), b.select(0, g).narrow(0, n0, n1 - n0).t());
@@ -346,18 +391,17 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b, const a
       at::mm_out(rows_c, a.narrow(0, lo, hi - lo), bg);
       return;
     }
-    // oneDNN: equal chunks of at most kRowChunk rows, each padded to a multiple of kRowQuantum.
-    const int64_t pieces = (hi - lo + kRowChunk - 1) / kRowChunk;
-    const int64_t chunk = round_up((hi - lo + pieces - 1) / pieces, kRowQuantum);
-    for (int64_t r = lo; r < hi;) {
-      const int64_t m = std::min(chunk, hi - r);
+    if (in_fp32 && hi - lo >= kFp32MinRows) {
+      fp32_part(g, lo, hi, 0, N);
+      return;
+    }
+    for_each_onednn_chunk(lo, hi, [&](int64_t r, int64_t m) {
       if (small && m <= cpu::kSmallGemmRows) {
         small(g, r, r + m, 0, N);
       } else {
         mm_rows_padded(a, r, m, bg, c);
       }
-      r += m;
-    }
+    });
   });
   return c;
 }
@@ -398,7 +442,9 @@ at::Tensor grouped_gemm_wgrad_cpu(const at::Tensor& a_in, const at::Tensor& grad
   // [(lo - off[g]) * N / rows_g, (hi - off[g]) * N / rows_g), which tile [0, N) exactly.
   // For bf16/fp16 (oneDNN) the column boundaries are multiples of col_q (few distinct widths)
   // and the reduction is zero-padded to round_up_geometric rows (few lengths); see kRowChunk.
-  const bool bucketed = is_reduced_float(a.scalar_type());
+  // bf16 in fp32 where the forward does so (converted rows, fp32 BLAS, c rounded once).
+  const bool in_fp32 = a.scalar_type() == at::kBFloat16 && cpu::bf16_gemm_in_fp32();
+  const bool bucketed = is_reduced_float(a.scalar_type()) && !in_fp32;
   const int64_t col_q = std::max<int64_t>(kRowQuantum, round_up((N + 7) / 8, kRowQuantum));
   for_each_row_share(off, [&](int64_t g, int64_t lo, int64_t hi) {
     const int64_t rows_g = off[g + 1] - off[g];
@@ -416,12 +462,17 @@ at::Tensor grouped_gemm_wgrad_cpu(const at::Tensor& a_in, const at::Tensor& grad
       ag = zero_padded_rows(ag, reduction);
       dg = zero_padded_rows(dg, reduction);
     }
-    if (trans_b) {
-      auto og = out.select(0, g).narrow(0, n0, n1 - n0);
-      at::mm_out(og, dg.t(), ag);
+    if (in_fp32) {
+      ag = ag.to(at::kFloat);
+      dg = dg.to(at::kFloat);
+    }
+    auto og = trans_b ? out.select(0, g).narrow(0, n0, n1 - n0) : out.select(0, g).narrow(1, n0, n1 - n0);
+    const auto& lhs = trans_b ? dg : ag;
+    const auto& rhs = trans_b ? ag : dg;
+    if (in_fp32) {
+      og.copy_(at::mm(lhs.t(), rhs));
     } else {
-      auto og = out.select(0, g).narrow(1, n0, n1 - n0);
-      at::mm_out(og, ag.t(), dg);
+      at::mm_out(og, lhs.t(), rhs);
     }
   });
   return out;
