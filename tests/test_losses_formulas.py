@@ -185,25 +185,31 @@ def test_lm_loss_rejects_mismatched_labels():
         lm_loss(torch.randn(2, 4, 5), torch.zeros(2, 3, dtype=torch.long))
 
 
-def test_layer_adds_the_papers_losses():
+@pytest.mark.parametrize("alpha_1, alpha_2, seq_aux", [
+    (0.01, 0.05, True), (0.0, 0.05, True), (0.01, 0.0, True), (0.0, 0.05, False), (0.01, 0.05, False),
+])
+def test_layer_adds_the_papers_losses(alpha_1, alpha_2, seq_aux):
     """The MoE layer's aux loss is alpha_1 * Eq. 12 + alpha_2 * Eq. 15, both written out here from
-    the gate's statistics (a hook on the gate), for the per-sequence (seq_aux) variant."""
+    the gate's statistics (a hook on the gate): per sequence (seq_aux) or over the batch, and each
+    loss alone (the device-level loss must not need the expert-level one to be on)."""
     from dsmoe.config import DeepSeekMoEConfig
 
     torch.manual_seed(0)
     config = DeepSeekMoEConfig(
         vocab_size=32, hidden_size=16, intermediate_size=32, moe_intermediate_size=8, num_hidden_layers=1,
         num_attention_heads=2, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
-        aux_loss_alpha=0.01, device_aux_loss_alpha=0.05, num_expert_devices=2, seq_aux=True,
+        aux_loss_alpha=alpha_1, device_aux_loss_alpha=alpha_2, num_expert_devices=2, seq_aux=seq_aux,
     )
     layer = DeepSeekMoELayer(config).double().train()
     captured = {}
     layer.gate.register_forward_hook(lambda m, a, out: captured.setdefault("route", out))
-    B, L = 3, 5
+    B, L = 2, 5  # two sequences: the load summed over both, not the first one's
     out = layer(torch.randn(B, L, 16, dtype=torch.float64))
     route = captured["route"]
     counts = route.tokens_per_expert.tolist()
     sums = route.score_sums.tolist()
-    assert len(counts) == B  # one row per sequence for seq_aux
-    want = _paper_expert_loss(counts, sums, 2, L, 0.01) + _paper_device_loss(counts, sums, 2, L, 2, 0.05)
-    assert out.aux_loss.item() == pytest.approx(want, rel=1e-10)
+    rows, per_row = (B, L) if seq_aux else (1, B * L)
+    assert len(counts) == rows and sum(counts[0]) == per_row * 2  # one row per sequence for seq_aux
+    want = _paper_expert_loss(counts, sums, 2, per_row, alpha_1) + _paper_device_loss(counts, sums, 2, per_row, 2, alpha_2)
+    assert out.aux_loss is not None and out.aux_loss.item() == pytest.approx(want, rel=1e-10)
+    assert out.tokens_per_expert.tolist() == [sum(c[e] for c in counts) for e in range(8)]

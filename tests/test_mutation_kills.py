@@ -241,3 +241,127 @@ def test_noisy_router_noise_has_the_learned_std():
     noise = (router.train().logits(x) - plain).detach()
     assert abs(noise.std().item() - math.log(2.0)) < 0.01 and abs(noise.mean().item()) < 0.01
     assert torch.equal(router.eval().logits(x), plain)
+
+
+def test_router_defaults_to_one_sequence_and_the_dsmoe_backend(monkeypatch):
+    """TopKRouter(x) with no arguments: statistics over all tokens as one sequence ([1, E]), the
+    fused gate (the dsmoe backend), and the seeds' routing: softmax(x W^T), its top k."""
+    from dsmoe.backend import BACKENDS
+    from dsmoe.layers import TopKRouter
+
+    torch.manual_seed(0)
+    router = TopKRouter(_tiny_config())
+    x = torch.randn(6, 32)
+    called = []
+    for name in ("dsmoe", "reference"):
+        route = BACKENDS[name].route
+        monkeypatch.setattr(BACKENDS[name], "route", lambda *a, _n=name, _r=route: (called.append(_n), _r(*a))[1])
+    out = router(x)
+    assert called == ["dsmoe"]
+    assert out.tokens_per_expert.shape == (1, 8) and int(out.tokens_per_expert.sum()) == 6 * 2
+    scores = torch.softmax(x.double() @ router.weight.double().T, dim=-1)
+    top = scores.topk(2, dim=-1)
+    assert torch.equal(out.expert_ids.long(), top.indices)
+    torch.testing.assert_close(out.weights.double(), top.values, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.score_sums.double(), scores.sum(0, keepdim=True), rtol=1e-5, atol=1e-5)
+
+
+def test_routed_experts_default_to_the_dsmoe_backend(monkeypatch):
+    """RoutedExperts(x, weights, ids) with no impl runs the dsmoe backend and computes
+    y[t] = sum_j w[t, j] * down(silu(gate x) * up x) of expert ids[t, j] (written out here)."""
+    from dsmoe.backend import BACKENDS
+    from dsmoe.layers import RoutedExperts
+
+    torch.manual_seed(0)
+    experts = RoutedExperts(4, 16, 8).double()
+    x, w = torch.randn(5, 16, dtype=torch.float64), torch.rand(5, 2, dtype=torch.float64)
+    ids = torch.tensor([[0, 3], [1, 1], [2, 0], [3, 2], [0, 1]], dtype=torch.int32)
+    called = []
+    for name in ("dsmoe", "reference"):
+        run = BACKENDS[name].routed_experts
+        monkeypatch.setattr(BACKENDS[name], "routed_experts",
+                            lambda *a, _n=name, _r=run: (called.append(_n), _r(*a))[1])
+    y = experts(x, w, ids)
+    assert called == ["dsmoe"]
+    want = torch.zeros_like(x)
+    for t in range(5):
+        for j in range(2):
+            e = int(ids[t, j])
+            g, u = (experts.w_gate_up[e] @ x[t]).split(8)
+            want[t] += w[t, j] * (experts.w_down[e] @ (torch.nn.functional.silu(g) * u))
+    torch.testing.assert_close(y, want.detach())
+
+
+def test_moe_layer_refuses_a_2d_input_naming_its_shape():
+    from dsmoe.layers import DeepSeekMoELayer
+
+    layer = DeepSeekMoELayer(_tiny_config())
+    with pytest.raises(ValueError, match="^" + re.escape(
+            "DeepSeekMoELayer: hidden_states must be [batch, seq, hidden], got (4, 32)") + "$"):
+        layer(torch.randn(4, 32))
+
+
+def test_reference_layer_routes_with_the_reference_backend(monkeypatch):
+    """A layer built with impl="reference" routes in plain PyTorch: the dsmoe gate is never called."""
+    from dsmoe.backend import BACKENDS
+    from dsmoe.layers import DeepSeekMoELayer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference layer called the dsmoe backend's gate")
+
+    monkeypatch.setattr(BACKENDS["dsmoe"], "route", refuse)
+    layer = DeepSeekMoELayer(_tiny_config(), impl="reference").eval()
+    out = layer(torch.randn(2, 3, 32))
+    assert out.hidden_states.shape == (2, 3, 32) and int(out.tokens_per_expert.sum()) == 2 * 3 * 2
+
+
+def test_routed_experts_default_init_std_is_the_seeds():
+    """RoutedExperts(E, h, I) alone (the seeds' ExpertGroup): weights ~ N(0, 0.02), as the seeds
+    initialise each expert's nn.Linear (initializer_range)."""
+    from dsmoe.layers import RoutedExperts
+
+    torch.manual_seed(0)
+    experts = RoutedExperts(8, 64, 32)
+    for w in (experts.w_gate_up, experts.w_down):
+        assert abs(w.std().item() - 0.02) < 0.001 and abs(w.mean().item()) < 0.001
+
+
+def test_router_init_is_the_seeds_kaiming_uniform():
+    """The seeds' MoEGate: kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(h), 1/sqrt(h))."""
+    from dsmoe.layers import TopKRouter
+
+    torch.manual_seed(0)
+    router = TopKRouter(_tiny_config(hidden_size=256, n_routed_experts=64, intermediate_size=512))
+    bound = 1 / 256 ** 0.5
+    top = router.weight.abs().max().item()
+    assert 0.99 * bound < top <= bound
+    assert abs(router.weight.std().item() - bound / 3 ** 0.5) < 0.02 * bound
+
+
+def test_router_top1_is_never_renormalised():
+    """norm_topk_prob with k = 1 leaves the gate value at the softmax score (the seeds renormalise
+    only when top_k > 1): a renormalised top-1 would always be 1."""
+    from dsmoe.layers import TopKRouter
+
+    torch.manual_seed(0)
+    router = TopKRouter(_tiny_config(num_experts_per_tok=1, norm_topk_prob=True))
+    x = torch.randn(5, 32)
+    want = torch.softmax(x.double() @ router.weight.double().T, dim=-1).max(dim=-1).values
+    out = router(x)
+    torch.testing.assert_close(out.weights.double().squeeze(1), want, rtol=1e-5, atol=1e-6)
+    assert bool((out.weights < 0.99).all())
+
+
+def test_selection_bias_buffer_is_fp32_whatever_the_default_dtype():
+    """DeepSeek-V3's e_score_correction_bias is kept in fp32 (checkpoints store it so), also when
+    the model is built under another default dtype."""
+    from dsmoe.layers import TopKRouter
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        router = TopKRouter(_tiny_config(use_selection_bias=True))
+    finally:
+        torch.set_default_dtype(previous)
+    assert router.e_score_correction_bias.dtype == torch.float32
+    assert torch.equal(router.e_score_correction_bias, torch.zeros(8))

@@ -3,6 +3,9 @@
 #
 #   tools/mutation_python.sh losses                 # the module's default test selection (below)
 #   tools/mutation_python.sh layers tests/test_model.py -k moe   # or your own pytest arguments
+#   RESUME=1 tools/mutation_python.sh layers        # continue a stopped pass: keeps the results,
+#                                                   # refreshes the copies of dsmoe/ and tests/
+#   MUTANTS='dsmoe.layers.xǁTopKRouterǁ*' tools/mutation_python.sh layers   # only these (fnmatch)
 #
 # Runs in a scratch copy, build/mutation/<module>/ (dsmoe/ with its compiled _C*.so, tests/,
 # a generated setup.cfg with the [mutmut] section), so nothing of mutmut's (mutants/, its
@@ -39,9 +42,18 @@ else
 fi
 
 work=build/mutation/$mod
-rm -rf "$work"
-mkdir -p "$work"
-cp -a dsmoe tests pyproject.toml "$work"/
+if [ "${RESUME:-0}" = 1 ] && [ -d "$work/mutants" ]; then
+  # mutmut keeps each mutant's result in mutants/dsmoe/<module>.py.meta and regenerates the
+  # mutants of a changed function; the other modules, the extension and the tests are copied anew
+  rm -rf "$work/dsmoe" "$work/tests" "$work/mutants/tests"
+  cp -a dsmoe tests pyproject.toml "$work"/
+  cp -a tests "$work/mutants/tests"
+  (cd dsmoe && find . -type f ! -path "./$mod.py" ! -name '*.pyc' -exec cp --parents {} "$ROOT/$work/mutants/dsmoe/" \;)
+else
+  rm -rf "$work"
+  mkdir -p "$work"
+  cp -a dsmoe tests pyproject.toml "$work"/
+fi
 # pyproject.toml carries no [tool.mutmut], so mutmut reads setup.cfg
 {
   echo "[mutmut]"
@@ -64,7 +76,8 @@ cd "$work"
 mkdir -p mutants
 export PYTHONPATH="$ROOT/$work/mutants"
 export OMP_NUM_THREADS=1
-nice -n 19 "$PY" -m mutmut run --max-children "${MUTMUT_JOBS:-2}" 2>&1 | tail -n 30 || true
+read -r -a only <<< "${MUTANTS:-}"
+nice -n 19 "$PY" -m mutmut run --max-children "${MUTMUT_JOBS:-2}" "${only[@]}" 2>&1 | tail -n 30 || true
 "$PY" -m mutmut results --all true > results.txt 2>&1 || true
 grep -E ": (survived|no tests|timeout|suspicious|skipped)" results.txt | sed 's/^ *//' > survivors_names.txt || true
 : > survivors.txt
