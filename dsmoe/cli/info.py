@@ -29,7 +29,8 @@ def run(ns: argparse.Namespace) -> int:
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), python {platform.python_version()}")
     print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads")
     k = dsmoe.cpu_kernels()
-    print(f"  CPU kernels: elementwise {k['vec_isa']}, bf16 GEMM {k['bf16_gemm']}, fp32 GEMM {k['fp32_gemm']}")
+    bf16 = "in fp32" if k["bf16_gemm"] == "fp32" else k["bf16_gemm"]
+    print(f"  CPU kernels: elementwise {k['vec_isa']}, bf16 GEMM {bf16}, fp32 GEMM {k['fp32_gemm']}")
     settings = dsmoe.backend_settings()
     print("Backend settings in force (dsmoe.set_backend; defaults from the environment):")
     for name, value in dataclasses.asdict(settings).items():
