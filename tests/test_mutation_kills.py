@@ -365,3 +365,171 @@ def test_selection_bias_buffer_is_fp32_whatever_the_default_dtype():
         torch.set_default_dtype(previous)
     assert router.e_score_correction_bias.dtype == torch.float32
     assert torch.equal(router.e_score_correction_bias, torch.zeros(8))
+
+
+# ---- the rest of layers.py (second pass, 2026-12-03)
+def test_moe_layer_needs_routed_experts_and_keeps_its_config():
+    from dsmoe.layers import DeepSeekMoELayer
+
+    config = _tiny_config()
+    assert DeepSeekMoELayer(config).config is config
+    with pytest.raises(ValueError, match="^" + re.escape("DeepSeekMoELayer: config.n_routed_experts must be set") + "$"):
+        DeepSeekMoELayer(_tiny_config(n_routed_experts=None, num_experts_per_tok=None))
+
+
+def test_moe_layer_experts_take_the_configured_init_std():
+    from dsmoe.layers import DeepSeekMoELayer
+
+    torch.manual_seed(0)
+    layer = DeepSeekMoELayer(_tiny_config(initializer_range=0.5))
+    assert abs(layer.experts.w_gate_up.std().item() - 0.5) < 0.02
+
+
+@pytest.mark.parametrize("alpha_1, alpha_2, devices", [(0.0, 0.0, 2), (0.0, 0.05, 1), (0.01, 0.0, 2), (0.01, 0.05, 1)])
+def test_moe_layer_builds_only_the_losses_that_are_on(alpha_1, alpha_2, devices):
+    """A loss with alpha 0, or the device-level loss on one device, is not built and adds
+    nothing: no aux loss at all when none is on, else exactly the expert-level loss."""
+    from dsmoe.layers import DeepSeekMoELayer
+
+    torch.manual_seed(0)
+    config = _tiny_config(aux_loss_alpha=alpha_1, device_aux_loss_alpha=alpha_2, num_expert_devices=devices,
+                          seq_aux=False)
+    layer = DeepSeekMoELayer(config).double().train()
+    assert (layer.balance_loss is None) == (alpha_1 == 0) and layer.device_balance_loss is None
+    captured = {}
+    layer.gate.register_forward_hook(lambda m, a, out: captured.setdefault("route", out))
+    out = layer(torch.randn(2, 5, 32, dtype=torch.float64))
+    if alpha_1 == 0:
+        assert out.aux_loss is None
+        return
+    counts, sums = captured["route"].tokens_per_expert[0].double(), captured["route"].score_sums[0]
+    T, E, k = 10, 8, 2
+    want = alpha_1 * sum(E / (k * T) * counts[e] * sums[e] / T for e in range(E))  # Eq. 12-14
+    assert out.aux_loss.item() == pytest.approx(want.item(), rel=1e-10)
+
+
+def test_rmsnorm_computes_in_fp32_and_rounds_once():
+    from dsmoe.layers import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(64)
+    x = torch.randn(16, 64).bfloat16() * 3
+    xf = x.float()
+    want = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
+    assert torch.equal(norm(x), want)
+
+
+def _rotary(**changes):
+    from dsmoe.layers import RotaryEmbedding
+
+    return RotaryEmbedding(_tiny_config(**changes))
+
+
+def _seeds_tables(positions, dim, base, dtype):
+    """The seeds' rotary tables: fp32 inverse frequencies, angles in ``dtype``."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
+    freqs = positions.to(dtype).unsqueeze(-1) * inv_freq.to(dtype)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def test_rotary_tables_in_fp32_and_fp64():
+    """fp32 models get the seeds' fp32 tables; fp64 models tables computed in fp64 (far
+    positions make the difference: fp32 angles near 4000 are off by ~1e-4)."""
+    rot = _rotary(max_position_embeddings=8192)
+    pos = torch.arange(3900, 4100).unsqueeze(0)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 1e-12)):
+        cos, sin = rot(pos, dtype)
+        want_cos, want_sin = _seeds_tables(pos, rot.dim, rot.base, dtype)
+        assert cos.dtype == dtype
+        torch.testing.assert_close(cos, want_cos, rtol=0, atol=tol)
+        torch.testing.assert_close(sin, want_sin, rtol=0, atol=tol)
+
+
+def test_rotary_scaling_reads_the_new_key_name():
+    """transformers' newer configs name the scaling "rope_type"; it means what "type" means."""
+    pos = torch.arange(0, 64).unsqueeze(0)
+    old = _rotary(rope_scaling={"type": "linear", "factor": 2.0})(pos, torch.float64)
+    new = _rotary(rope_scaling={"rope_type": "linear", "factor": 2.0})(pos, torch.float64)
+    plain = _rotary()(pos, torch.float64)
+    torch.testing.assert_close(new, old, rtol=0, atol=0)
+    torch.testing.assert_close(new[0], _seeds_tables(pos / 2.0, 8, 10000.0, torch.float64)[0], rtol=0, atol=1e-12)
+    assert not torch.allclose(new[0], plain[0])
+    # a factor that does not divide exactly: the positions are scaled in fp64 for an fp64 model
+    far = torch.arange(100000, 100064).unsqueeze(0)
+    cos = _rotary(rope_scaling={"type": "linear", "factor": 3.0}, max_position_embeddings=4096)(far, torch.float64)[0]
+    torch.testing.assert_close(cos, _seeds_tables(far.double() / 3.0, 8, 10000.0, torch.float64)[0], rtol=0, atol=1e-9)
+
+
+def test_rotary_dynamic_ntk_base_past_the_trained_length():
+    """Dynamic NTK: past max_position_embeddings the base becomes
+    base * (factor * L / max - (factor - 1)) ** (dim / (dim - 2)); up to it, the plain base."""
+    rot = _rotary(max_position_embeddings=32, rope_scaling={"type": "dynamic", "factor": 4.0})
+    dim, base = rot.dim, rot.base
+    for L in (20, 32, 33, 50):
+        pos = torch.arange(L).unsqueeze(0)
+        b = base if L <= 32 else base * (4.0 * L / 32 - 3.0) ** (dim / (dim - 2))
+        cos, sin = rot(pos, torch.float64)
+        want_cos, want_sin = _seeds_tables(pos, dim, b, torch.float64)
+        # (the seeds' inverse frequencies are fp32; the dynamic branch recomputes them in fp64)
+        inv = 1.0 / (b ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        emb = torch.cat((pos.double().unsqueeze(-1) * inv,) * 2, dim=-1)
+        ref_cos = emb.cos() if L > 32 else want_cos
+        torch.testing.assert_close(cos, ref_cos, rtol=0, atol=1e-6)
+
+
+def _block_and_tables(L, **changes):
+    from dsmoe.layers import DeepSeekMoEBlock, RotaryEmbedding
+
+    torch.manual_seed(0)
+    config = _tiny_config(first_k_dense_replace=0, **changes)
+    block = DeepSeekMoEBlock(config, 0).double().eval()
+    rot = RotaryEmbedding(config)
+    return block, rot
+
+
+@pytest.mark.parametrize("L", [2, 5])
+def test_block_attention_is_causal_and_takes_the_mask(L):
+    """Causal attention without a mask (token 0 of a 2-token sequence sees only itself), and an
+    explicit mask is used: with a diagonal mask every token sees only itself, so each position's
+    output equals that token run alone at its position."""
+    block, rot = _block_and_tables(L)
+    x = torch.randn(1, L, 32, dtype=torch.float64)
+    pos = torch.arange(L).unsqueeze(0)
+    cos, sin = rot(pos, torch.float64)
+    alone = [block(x[:, t:t + 1], *rot(pos[:, t:t + 1], torch.float64))[0][0, 0] for t in range(L)]
+    causal = block(x, cos, sin)[0]
+    torch.testing.assert_close(causal[0, 0], alone[0])
+    diagonal = torch.eye(L, dtype=torch.bool).view(1, 1, L, L)
+    masked = block(x, cos, sin, diagonal)[0]
+    for t in range(L):
+        torch.testing.assert_close(masked[0, t], alone[t])
+    assert not torch.allclose(causal[0, L - 1], alone[L - 1])
+
+
+def test_attention_dropout_only_in_training():
+    from dsmoe.layers import Attention, RotaryEmbedding
+
+    torch.manual_seed(0)
+    config = _tiny_config(attention_dropout=0.5)
+    attn = Attention(config, 0)
+    x = torch.randn(1, 6, 32)
+    cos, sin = RotaryEmbedding(config)(torch.arange(6).unsqueeze(0), torch.float32)
+    attn.eval()
+    torch.testing.assert_close(attn(x, cos, sin), attn(x, cos, sin), rtol=0, atol=0)
+    no_dropout = Attention(_tiny_config(attention_dropout=0.0), 0)
+    no_dropout.load_state_dict(attn.state_dict())
+    torch.testing.assert_close(attn(x, cos, sin), no_dropout.eval()(x, cos, sin), rtol=0, atol=0)
+    attn.train()
+    torch.manual_seed(1)
+    a = attn(x, cos, sin)
+    b = attn(x, cos, sin)
+    assert not torch.allclose(a, b)
+
+
+def test_moe_layer_loss_modules_print_their_sizes():
+    from dsmoe.layers import DeepSeekMoELayer
+
+    layer = DeepSeekMoELayer(_tiny_config(aux_loss_alpha=0.01, device_aux_loss_alpha=0.05, num_expert_devices=2))
+    assert repr(layer.balance_loss) == "LoadBalanceLoss(num_experts=8, k=2, alpha=0.01)"
+    assert repr(layer.device_balance_loss) == "DeviceBalanceLoss(num_experts=8, k=2, num_devices=2, alpha=0.05)"
