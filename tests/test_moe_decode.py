@@ -401,3 +401,144 @@ def test_cli_generate_random_reports_speed(capsys):
     assert stats["kv_cache_bytes_per_token"] == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
     assert main(["generate", "--random", "nope", "--device", "cpu"]) != 0
     assert "unknown preset" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- when the layer takes the path
+# (the survivors of the mutation pass over dsmoe/decode.py, docs/mutation_testing.md)
+
+
+def test_pack_refuses_bad_weights_naming_the_public_op():
+    cases = [
+        ((torch.randn(4, 8), torch.randn(2, 4, 4)), "dsmoe.pack_decode_weights: w_gate_up must be 3-D"),
+        ((torch.randn(2, 8, 4), torch.randn(4, 4)), "dsmoe.pack_decode_weights: w_down must be 3-D"),
+        ((torch.randn(2, 7, 4), torch.randn(2, 4, 3)), "dsmoe.pack_decode_weights: w_gate_up.size\\(1\\) must be 2"),
+    ]
+    for (wgu, wd), msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            decode._pack(wgu, wd)
+
+
+def test_pack_of_odd_hidden_is_on_huge_pages():
+    E, I, h = 2, 256, 1025  # odd hidden, > 2 MiB of fp32 gate|up
+    wgu, wd = torch.randn(E, 2 * I, h), torch.randn(E, h, I)
+    with dsmoe.use_backend(huge_pages=True):
+        packed = decode._pack(wgu, wd)
+    assert packed.gate_up.data_ptr() % (2 << 20) == 0 and packed.down.data_ptr() % (2 << 20) == 0
+    torch.testing.assert_close(packed.gate_up, ops.pack_decode_weights(wgu, wd).gate_up, rtol=0, atol=0)
+
+
+def test_packed_mlp_of_separate_weights():
+    h, i = 24, 16
+    wg, wu, wdn = torch.randn(i, h) * 0.2, torch.randn(i, h) * 0.2, torch.randn(h, i) * 0.2
+    x = torch.randn(3, h)
+    packed = decode.packed_mlp(wg, wu, wdn)  # three storages: concatenated
+    y = ops.moe_decode(x, torch.zeros(3, 0), torch.zeros(3, 0, dtype=torch.int32),
+                       ops.pack_decode_weights(torch.zeros(1, 2, h), torch.zeros(1, h, 1)), packed)
+    check(y, (F.silu(x.double() @ wg.double().t()) * (x.double() @ wu.double().t())) @ wdn.double().t(), torch.float32)
+
+
+def test_packed_mlp_of_stacked_weights_makes_no_concatenated_copy(monkeypatch):
+    layer = DeepSeekMoELayer(moe_config())
+    mlp = layer.shared_experts
+    ws = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+    expected = ops.pack_decode_weights(torch.cat(ws[:2]).detach().unsqueeze(0), ws[2].detach().unsqueeze(0))
+
+    def no_cat(*args, **kwargs):
+        raise AssertionError("the stacked gate|up weights were concatenated (copied)")
+
+    monkeypatch.setattr(torch, "cat", no_cat)
+    packed = decode.packed_mlp(*ws)
+    monkeypatch.undo()
+    assert torch.equal(packed.gate_up, expected.gate_up) and torch.equal(packed.down, expected.down)
+
+
+def _no_packing(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("packed during a decode step: prepack missed it")
+
+    monkeypatch.setattr(decode, "_pack", refuse)
+
+
+@pytest.mark.parametrize("shared", [1, 0])
+def test_prepack_packs_every_moe_layer_and_its_shared_experts(shared, monkeypatch):
+    cfg = get_preset("tiny", num_hidden_layers=4, n_shared_experts=shared)  # layers 1..3 are MoE
+    model = DeepSeekMoEForCausalLM(cfg).eval()
+    decode.clear_cache()
+    assert decode.prepack(model) == 3
+    assert decode.prepack(model) == 3  # cached: counted again, packed once
+    calls = count_decode_calls(monkeypatch)
+    _no_packing(monkeypatch)
+    with torch.no_grad():
+        model(torch.randint(0, 64, (2, 1)))
+    assert calls == [2, 2, 2]
+
+
+def test_prepack_skips_layers_the_kernel_cannot_read():
+    model = DeepSeekMoEForCausalLM(get_preset("tiny", num_hidden_layers=4)).eval()
+    assert decode.prepack(model.double()) == 0  # no fp64 kernel: skipped, not refused
+    model.float()
+    model.model.layers[1].double()  # the first MoE layer only
+    assert decode.prepack(model) == 2
+
+
+def test_applies_rules():
+    w = torch.nn.Parameter(torch.randn(4, 8, 8), requires_grad=False)
+    x = torch.randn(3, 8)
+    assert decode.applies(x, [w], training=False)  # grad mode on, nothing requires grad
+    with torch.no_grad():
+        assert not decode.applies(x, [w], training=True)
+        assert decode.applies(torch.randn(decode.DECODE_MAX_TOKENS, 8), [w], training=False)
+        assert not decode.applies(torch.randn(decode.DECODE_MAX_TOKENS + 1, 8), [w], training=False)
+        assert not decode.applies(x.to("meta"), [w], training=False)
+        assert not decode.applies(x, [w.double()], training=False)  # dtypes differ
+        assert not decode.applies(x, [w, w.to("meta")], training=False)
+        assert not decode.applies(x, [w.detach().as_subclass(_TaggedTensor)], training=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not decode.applies(x, [w], training=False)
+    w.requires_grad_(True)
+    assert not decode.applies(x, [w], training=False)
+    assert not decode.applies(x.requires_grad_(), [w.detach()], training=False)
+
+
+class _TaggedTensor(torch.Tensor):
+    """A tensor subclass (as a sharded or quantised weight would be): not read as plain memory."""
+
+
+def test_layer_without_shared_experts_takes_decode_path(monkeypatch):
+    cfg = moe_config().replace(n_shared_experts=0)
+    layer = DeepSeekMoELayer(cfg).eval()
+    calls = count_decode_calls(monkeypatch)
+    x = torch.randn(2, 1, cfg.hidden_size)
+    with torch.no_grad():
+        fast = layer(x).hidden_states
+        with dsmoe.use_backend(cpu_decode=False):
+            plain = layer(x).hidden_states
+    assert calls == [2]
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_layer_honours_hooks_on_shared_experts(monkeypatch):
+    layer = DeepSeekMoELayer(moe_config()).eval()
+    layer.shared_experts.gate_proj.register_forward_hook(lambda m, args, out: out * 3)
+    calls = count_decode_calls(monkeypatch)
+    x = torch.randn(2, 1, layer.config.hidden_size)
+    with torch.no_grad():
+        y = layer(x).hidden_states
+        with dsmoe.use_backend(cpu_decode=False):
+            plain = layer(x).hidden_states
+    assert calls == []  # the hook's module runs as a module
+    torch.testing.assert_close(y, plain)
+
+
+def test_layer_checks_routed_weights_and_training(monkeypatch):
+    layer = DeepSeekMoELayer(moe_config()).eval()
+    for p in layer.shared_experts.parameters():
+        p.requires_grad_(False)
+    calls = count_decode_calls(monkeypatch)
+    x = torch.randn(2, 1, layer.config.hidden_size)
+    y = layer(x).hidden_states  # the routed experts still require grad
+    assert calls == [] and y.requires_grad
+    layer.train()
+    with torch.no_grad():
+        layer(x)
+    assert calls == []
