@@ -23,6 +23,7 @@ src=dsmoe/$mod.py
 [ -f "$src" ] || { echo "no such module: $src" >&2; exit 2; }
 "$PY" -c "import mutmut" 2>/dev/null || { echo "mutmut is not installed: pip install mutmut==3.8.1" >&2; exit 2; }
 
+deselect=()
 if [ $# -gt 0 ]; then
   tests=("$@")
 else
@@ -32,7 +33,9 @@ else
     layers) tests=(tests/test_mutation_kills.py tests/test_model.py tests/test_losses_formulas.py) ;;
     config) tests=(tests/test_model_config.py tests/test_mutation_kills.py tests/test_losses_formulas.py) ;;
     model) tests=(tests/test_model.py tests/test_mutation_kills.py) ;;
-    backend) tests=(tests/test_backend.py tests/test_model.py tests/test_mutation_kills.py tests/test_moe_decode.py) ;;
+    # opcheck of the decode ops reaches every settings read and takes ~15 s: run once, not per mutant
+    backend) tests=(tests/test_backend.py tests/test_model.py tests/test_mutation_kills.py tests/test_moe_decode.py)
+             deselect=(tests/test_moe_decode.py::test_opcheck) ;;
     decode) tests=(tests/test_moe_decode.py) ;;
     generation) tests=(tests/test_generation.py) ;;
     ops) tests=(tests/test_ops_gate.py tests/test_ops_permute.py tests/test_ops_gemm.py tests/test_ops_reference.py) ;;
@@ -66,6 +69,7 @@ fi
   echo "timeout_constant = 30"
   # the emulator tests need tools/ (not in the copy) and test the .cu sources, not dsmoe/
   printf 'pytest_add_cli_args =\n    -m\n    not simt\n'
+  for d in "${deselect[@]}"; do printf '    --deselect\n    %s\n' "$d"; done
   echo "pytest_add_cli_args_test_selection ="
   for t in "${tests[@]}"; do echo "    $t"; done
 } > "$work/setup.cfg"
