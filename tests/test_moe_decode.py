@@ -77,6 +77,16 @@ def test_matches_reference(T, h, I, E, k, dtype):
     check(y, reference_moe(x, w, ids, wgu, wd, shared), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 5, 64])
+def test_wide_hidden_spans_several_down_groups(T, dtype):
+    # h = 260: 33 output blocks of 8, so pass 2 splits each expert's down weights into units of
+    # 16, 16 and 1 blocks, the last block 4 columns wide; every expert twice in some tokens
+    x, weights, ids, wgu, wd, shared = make_problem(T, 260, 24, 6, 3, dtype, shared_i=16)
+    ids[:, 1] = ids[:, 0]
+    check(run_decode(x, weights, ids, wgu, wd, shared), reference_moe(x, weights, ids, wgu, wd, shared), dtype)
+
+
 @pytest.mark.parametrize("T", [1, 5, 64])
 def test_fp16_and_int64_ids(T):
     x, w, ids, wgu, wd, shared = make_problem(T, 48, 32, 16, 4, torch.float16, shared_i=20)

@@ -12,9 +12,10 @@
 //   1. work units (expert, block of 8 intermediate columns): gate|up GEMV/GEMM of the expert's
 //      tokens, SwiGLU in registers, the fp32 intermediate (tokens x Ip per expert, a few hundred
 //      KB at most) written to a buffer that stays in cache;
-//   2. work units (block of 8 output columns): for every selected expert in ascending id order
-//      (the shared experts last, weight 1), down product of its tokens scaled by the routing
-//      weight and added to an fp32 accumulator of the block.
+//   2. work units (expert, 16 blocks of 8 output columns): down product of the expert's tokens,
+//      one contiguous stream of its packed down weights, to an fp32 row per (token, expert);
+//   3. per block of 8 output columns: those rows scaled by the routing weights and summed per
+//      token, the selected experts in ascending id order (the shared experts last, weight 1).
 //   Units are handed out dynamically (an atomic counter), so 2 threads stay balanced even at
 //   T=1, k=7. Each output element is summed by one thread in a fixed order (experts ascending,
 //   then a token's slots in order): results do not depend on the thread count; no atomics on
@@ -42,6 +43,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -59,9 +61,11 @@ struct DecodeKernels {
   // hidden[t * ldh + 0..8) = silu(gate) * up of one gate|up block [h][16], for n token rows.
   void (*gate_up)(const W* block, int64_t h, const float* const* rows, int64_t n, float* hidden,
                   int64_t ldh);
-  // out[tokens[t]][0..8) += scale[t] * down block [Ip][8] x hidden row t, for n rows.
-  void (*down)(const W* block, int64_t Ip, const float* hidden, int64_t n, const int32_t* tokens,
-               const float* scale, float* out);
+  // out[t][0..8) = down block [Ip][8] x hidden row t, for n rows.
+  void (*down)(const W* block, int64_t Ip, const float* hidden, int64_t n, float* out);
+  // acc[tokens[r]][0..8) += scales[r] * partial[r][0..8), for r = 0..rows in order.
+  void (*add_rows)(const float* partial, int64_t rows, const int32_t* tokens, const float* scales,
+                   float* acc);
 };
 
 struct AllDecodeKernels {
@@ -370,6 +374,13 @@ void check_packed(const char* op, const char* gu_name, const at::Tensor& gu, con
               gu.sizes());
 }
 
+// Output blocks of 8 columns per unit of pass 2: one expert's down weights for 16 blocks are one
+// contiguous stream of 16 * Ip * 8 elements (180 KB in fp32 at I = 352). Measured against one
+// block of every expert per unit (the earlier pass 2: 8 streams of 11 KB), alternated call by
+// call in one process, h1280 I352 E63 k7 + shared, 2 threads: 1-16% faster at T = 1..64
+// (BENCHMARKS.md).
+constexpr int64_t kDownGroup = 16;
+
 template <typename W>
 void run_decode(const at::Tensor& xf, const std::vector<Slot>& slots, const int32_t* tokens,
                 const float* scales, const float* const* row_ptrs, int64_t hidden_size,
@@ -400,16 +411,29 @@ void run_decode(const at::Tensor& xf, const std::vector<Slot>& slots, const int3
                  sl.nb * 8);
   });
 
-  // 2. down per output block, every slot in order
+  // 2. down per (slot, group of output blocks): one long contiguous stream of the expert's
+  //    packed down weights per unit; each row's unscaled product goes to partial[b][row][8]
+  const int64_t rows_total = slots.back().row_begin + slots.back().rows;
+  // every element is written once by pass 2 before pass 3 reads it; NaN until then, so that a
+  // unit that skipped one shows in the output
+  std::vector<float> partial(static_cast<size_t>(nbh * rows_total * 8), std::numeric_limits<float>::quiet_NaN());
+  const int64_t groups = ceil_div(nbh, kDownGroup);
+  dynamic_for(static_cast<int64_t>(slots.size()) * groups, [&](int64_t u) {
+    const Slot& sl = slots[u / groups];
+    const int64_t Ip = sl.nb * 8;
+    const int64_t b_end = std::min(nbh, (u % groups + 1) * kDownGroup);
+    for (int64_t b = (u % groups) * kDownGroup; b < b_end; ++b) {
+      const W* block = static_cast<const W*>(sl.down) + b * Ip * 8;
+      kern.down(block, Ip, hidden.data() + sl.hidden_begin, sl.rows,
+                partial.data() + (b * rows_total + sl.row_begin) * 8);
+    }
+  });
+
+  // 3. per output block: the rows in slot order (experts ascending, shared last), scaled
   W* out = y.data_ptr<W>();
   dynamic_for(nbh, [&](int64_t b) {
     std::vector<float> acc(static_cast<size_t>(T * 8), 0.0f);
-    for (const Slot& sl : slots) {
-      const int64_t Ip = sl.nb * 8;
-      const W* block = static_cast<const W*>(sl.down) + b * Ip * 8;
-      kern.down(block, Ip, hidden.data() + sl.hidden_begin, sl.rows, tokens + sl.row_begin,
-                scales + sl.row_begin, acc.data());
-    }
+    kern.add_rows(partial.data() + b * rows_total * 8, rows_total, tokens, scales, acc.data());
     const int64_t cols = std::min<int64_t>(8, h - b * 8);
     for (int64_t t = 0; t < T; ++t) {
       for (int64_t c = 0; c < cols; ++c) out[t * h + b * 8 + c] = static_cast<W>(acc[t * 8 + c]);

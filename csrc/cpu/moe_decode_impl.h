@@ -92,12 +92,10 @@ void gate_up_block(const W* block, int64_t h, const float* const* rows, int64_t 
 }
 
 // Down block of one expert for NT hidden rows (fp32, Ip apart and long):
-// out[tokens[t]][0..8) += scale[t] * (hidden[t] . down rows 8b..8b+7), in t order (a token that
-// chose the expert twice is added twice). Fewer than four tokens split the columns over several
-// chains.
+// out[t][0..8) = hidden[t] . down rows 8b..8b+7. Fewer than four tokens split the columns over
+// several chains.
 template <typename W, int NT>
-inline void down_tile(const W* block, int64_t Ip, const float* hidden, const int32_t* tokens,
-                      const float* scale, float* out) {
+inline void down_tile(const W* block, int64_t Ip, const float* hidden, float* out) {
   constexpr int CS = NT == 1 ? 4 : (NT < 4 ? 2 : 1);
   V acc[CS][NT];
 #pragma GCC unroll 16
@@ -122,35 +120,42 @@ inline void down_tile(const W* block, int64_t Ip, const float* hidden, const int
     V sum = acc[0][t];
 #pragma GCC unroll 16
     for (int s = 1; s < CS; ++s) sum = v_add(sum, acc[s][t]);
-    float* o = out + static_cast<int64_t>(tokens[t]) * 8;
-    v_store(o, v_fma(v_set1(scale[t]), sum, v_load(o)));
+    v_store(out + t * 8, sum);
   }
 }
 
-// The n rows of one expert (tokens[t], scale[t], hidden row t), out [num_tokens][8].
+// The n rows of one expert (hidden row t -> out row t, [n][8]).
 template <typename W>
-void down_block(const W* block, int64_t Ip, const float* hidden, int64_t n, const int32_t* tokens,
-                const float* scale, float* out) {
+void down_block(const W* block, int64_t Ip, const float* hidden, int64_t n, float* out) {
   for (int64_t t0 = 0; t0 < n; t0 += kDownTile) {
     const float* hd = hidden + t0 * Ip;
-    const int32_t* tk = tokens + t0;
-    const float* sc = scale + t0;
-    float* o = out;
+    float* o = out + t0 * 8;
     switch (std::min<int64_t>(kDownTile, n - t0)) {
-      case 1: down_tile<W, 1>(block, Ip, hd, tk, sc, o); break;
-      case 2: down_tile<W, 2>(block, Ip, hd, tk, sc, o); break;
-      case 3: down_tile<W, 3>(block, Ip, hd, tk, sc, o); break;
-      case 4: down_tile<W, 4>(block, Ip, hd, tk, sc, o); break;
-      case 5: down_tile<W, 5>(block, Ip, hd, tk, sc, o); break;
-      case 6: down_tile<W, 6>(block, Ip, hd, tk, sc, o); break;
-      case 7: down_tile<W, 7>(block, Ip, hd, tk, sc, o); break;
-      default: down_tile<W, 8>(block, Ip, hd, tk, sc, o); break;
+      case 1: down_tile<W, 1>(block, Ip, hd, o); break;
+      case 2: down_tile<W, 2>(block, Ip, hd, o); break;
+      case 3: down_tile<W, 3>(block, Ip, hd, o); break;
+      case 4: down_tile<W, 4>(block, Ip, hd, o); break;
+      case 5: down_tile<W, 5>(block, Ip, hd, o); break;
+      case 6: down_tile<W, 6>(block, Ip, hd, o); break;
+      case 7: down_tile<W, 7>(block, Ip, hd, o); break;
+      default: down_tile<W, 8>(block, Ip, hd, o); break;
     }
   }
 }
 
+// acc[tokens[r]][0..8) += scales[r] * partial[r][0..8), r in order: one FMA per product, so a
+// token that chose an expert twice gets it twice.
+inline void add_scaled_rows(const float* partial, int64_t rows, const int32_t* tokens,
+                            const float* scales, float* acc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* o = acc + static_cast<int64_t>(tokens[r]) * 8;
+    v_store(o, v_fma(v_set1(scales[r]), v_load(partial + r * 8), v_load(o)));
+  }
+}
+
 inline void fill_decode_kernels(AllDecodeKernels& out) {
-  out.f32 = DecodeKernels<float>{&gate_up_block<float>, &down_block<float>};
-  out.bf16 = DecodeKernels<c10::BFloat16>{&gate_up_block<c10::BFloat16>, &down_block<c10::BFloat16>};
-  out.f16 = DecodeKernels<c10::Half>{&gate_up_block<c10::Half>, &down_block<c10::Half>};
+  out.f32 = DecodeKernels<float>{&gate_up_block<float>, &down_block<float>, &add_scaled_rows};
+  out.bf16 = DecodeKernels<c10::BFloat16>{&gate_up_block<c10::BFloat16>, &down_block<c10::BFloat16>,
+                                          &add_scaled_rows};
+  out.f16 = DecodeKernels<c10::Half>{&gate_up_block<c10::Half>, &down_block<c10::Half>, &add_scaled_rows};
 }
