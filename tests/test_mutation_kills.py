@@ -533,3 +533,19 @@ def test_moe_layer_loss_modules_print_their_sizes():
     layer = DeepSeekMoELayer(_tiny_config(aux_loss_alpha=0.01, device_aux_loss_alpha=0.05, num_expert_devices=2))
     assert repr(layer.balance_loss) == "LoadBalanceLoss(num_experts=8, k=2, alpha=0.01)"
     assert repr(layer.device_balance_loss) == "DeviceBalanceLoss(num_experts=8, k=2, num_devices=2, alpha=0.05)"
+
+
+def test_chunked_prefill_over_a_cache_equals_one_prefill():
+    # queries that follow cached keys (a prompt fed in chunks, or speculative tokens): the mask
+    # the model builds is bottom-right aligned; SDPA's is_causal would be top-left aligned
+    from dsmoe import DeepSeekMoEForCausalLM, KVCache, get_preset
+
+    torch.manual_seed(0)
+    model = DeepSeekMoEForCausalLM(get_preset("tiny", num_hidden_layers=2)).double().eval()
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        full = model(ids)["logits"]
+        cache = KVCache.dynamic(model.config)
+        first = model(ids[:, :4], past_key_values=cache, use_cache=True)["logits"]
+        rest = model(ids[:, 4:], past_key_values=cache, use_cache=True)["logits"]
+    torch.testing.assert_close(torch.cat([first, rest], 1), full, rtol=1e-10, atol=1e-10)
