@@ -9,11 +9,13 @@
 //   loop reads in address order: broadcast one x value, FMA with a vector of 8 weights, no
 //   horizontal sums (moe_decode_impl.h).
 // * moe_decode runs all selected experts of the step in two parallel passes:
-//   1. work units (expert, block of 8 intermediate columns): gate|up GEMV/GEMM of the expert's
-//      tokens, SwiGLU in registers, the fp32 intermediate (tokens x Ip per expert, a few hundred
-//      KB at most) written to a buffer that stays in cache;
+//   1. work units (expert, block of 8 intermediate columns; two blocks for an expert with one
+//      token): gate|up GEMV/GEMM of the expert's tokens, SwiGLU in registers, the fp32
+//      intermediate (tokens x Ip per expert, a few hundred KB at most) written to a buffer that
+//      stays in cache;
 //   2. work units (expert, 16 blocks of 8 output columns): down product of the expert's tokens,
-//      one contiguous stream of its packed down weights, to an fp32 row per (token, expert);
+//      one contiguous stream of its packed down weights (two, 8 blocks apart, for one token), to
+//      an fp32 row per (token, expert);
 //   3. per block of 8 output columns: those rows scaled by the routing weights and summed per
 //      token, the selected experts in ascending id order (the shared experts last, weight 1).
 //   Units are handed out dynamically (an atomic counter), so 2 threads stay balanced even at
@@ -66,6 +68,10 @@ struct DecodeKernels {
   // acc[tokens[r]][0..8) += scales[r] * partial[r][0..8), for r = 0..rows in order.
   void (*add_rows)(const float* partial, int64_t rows, const int32_t* tokens, const float* scales,
                    float* acc);
+  // hidden[0..16) = silu(gate) * up of two consecutive gate|up blocks, for one token row.
+  void (*gate_up_pair)(const W* block, int64_t h, const float* row, float* hidden);
+  void (*down_pair)(const W* block, const W* second, int64_t Ip, const float* hidden, float* out0,
+                    float* out1);
 };
 
 struct AllDecodeKernels {
@@ -380,6 +386,10 @@ void check_packed(const char* op, const char* gu_name, const at::Tensor& gu, con
 // call in one process, h1280 I352 E63 k7 + shared, 2 threads: 1-16% faster at T = 1..64
 // (BENCHMARKS.md).
 constexpr int64_t kDownGroup = 16;
+// An expert with one token reads the blocks b and b + 8 of its unit side by side (two streams):
+// against one block at a time, alternated call by call in one process, 9-16% faster at T = 1
+// (fp32, bf16), 3-4% at T = 4 (BENCHMARKS.md). Its gate|up blocks go two at a time likewise.
+constexpr int64_t kDownPair = kDownGroup / 2;
 
 template <typename W>
 void run_decode(const at::Tensor& xf, const std::vector<Slot>& slots, const int32_t* tokens,
@@ -387,8 +397,13 @@ void run_decode(const at::Tensor& xf, const std::vector<Slot>& slots, const int3
                 at::Tensor& y) {
   const DecodeKernels<W>& kern = decode_kernels<W>();
   const int64_t T = xf.size(0), h = xf.size(1), nbh = ceil_div(h, 8);
+  // an expert with one token reads its gate|up blocks two at a time (two streams side by side,
+  // as one core keeps more reads in flight that way): 8-19% faster at T = 1-4 than one block
+  // per unit, alternated call by call in one process (BENCHMARKS.md)
+  auto paired = [](const Slot& sl) { return sl.rows == 1; };
   std::vector<int64_t> unit_begin(slots.size() + 1, 0);
-  for (size_t s = 0; s < slots.size(); ++s) unit_begin[s + 1] = unit_begin[s] + slots[s].nb;
+  for (size_t s = 0; s < slots.size(); ++s)
+    unit_begin[s + 1] = unit_begin[s] + (paired(slots[s]) ? ceil_div(slots[s].nb, 2) : slots[s].nb);
   const int64_t units = unit_begin.back();
   std::vector<float> hidden(static_cast<size_t>(hidden_size));
 
@@ -405,6 +420,17 @@ void run_decode(const at::Tensor& xf, const std::vector<Slot>& slots, const int3
   dynamic_for(units, [&](int64_t u) {
     const size_t s = std::upper_bound(unit_begin.begin(), unit_begin.end(), u) - unit_begin.begin() - 1;
     const Slot& sl = slots[s];
+    if (paired(sl)) {
+      const int64_t b = 2 * (u - unit_begin[s]);
+      const W* block = static_cast<const W*>(sl.gate_up) + b * h * 16;
+      float* out = hidden.data() + sl.hidden_begin + b * 8;
+      if (b + 1 < sl.nb) {
+        kern.gate_up_pair(block, h, row_ptrs[sl.row_begin], out);
+      } else {  // the last block of an odd count
+        kern.gate_up(block, h, row_ptrs + sl.row_begin, 1, out, sl.nb * 8);
+      }
+      return;
+    }
     const int64_t b = u - unit_begin[s];
     const W* block = static_cast<const W*>(sl.gate_up) + b * h * 16;
     kern.gate_up(block, h, row_ptrs + sl.row_begin, sl.rows, hidden.data() + sl.hidden_begin + b * 8,
@@ -416,13 +442,30 @@ void run_decode(const at::Tensor& xf, const std::vector<Slot>& slots, const int3
   const int64_t rows_total = slots.back().row_begin + slots.back().rows;
   // every element is written once by pass 2 before pass 3 reads it; NaN until then, so that a
   // unit that skipped one shows in the output
-  std::vector<float> partial(static_cast<size_t>(nbh * rows_total * 8), std::numeric_limits<float>::quiet_NaN());
+  std::vector<float> partial(static_cast<size_t>(nbh * rows_total * 8),
+                             std::numeric_limits<float>::quiet_NaN());
   const int64_t groups = ceil_div(nbh, kDownGroup);
   dynamic_for(static_cast<int64_t>(slots.size()) * groups, [&](int64_t u) {
     const Slot& sl = slots[u / groups];
     const int64_t Ip = sl.nb * 8;
     const int64_t b_end = std::min(nbh, (u % groups + 1) * kDownGroup);
-    for (int64_t b = (u % groups) * kDownGroup; b < b_end; ++b) {
+    const int64_t b_begin = (u % groups) * kDownGroup;
+    if (sl.rows == 1) {
+      // one token: blocks b and b + kDownPair read side by side (two streams)
+      for (int64_t b = b_begin; b < b_end; ++b) {
+        if ((b - b_begin) % (2 * kDownPair) >= kDownPair) continue;  // done with its partner
+        const W* block = static_cast<const W*>(sl.down) + b * Ip * 8;
+        float* o = partial.data() + (b * rows_total + sl.row_begin) * 8;
+        if (b + kDownPair < b_end) {
+          kern.down_pair(block, block + kDownPair * Ip * 8, Ip, hidden.data() + sl.hidden_begin, o,
+                         o + kDownPair * rows_total * 8);
+        } else {
+          kern.down(block, Ip, hidden.data() + sl.hidden_begin, 1, o);
+        }
+      }
+      return;
+    }
+    for (int64_t b = b_begin; b < b_end; ++b) {
       const W* block = static_cast<const W*>(sl.down) + b * Ip * 8;
       kern.down(block, Ip, hidden.data() + sl.hidden_begin, sl.rows,
                 partial.data() + (b * rows_total + sl.row_begin) * 8);

@@ -76,6 +76,41 @@ inline void gate_up_tile(const W* block, int64_t h, const float* const* rows, fl
   }
 }
 
+// Two consecutive gate|up blocks of one expert for one token (two streams read side by side):
+// hidden[0..16) = silu(gate) * up of the blocks' 16 columns.
+template <typename W>
+void gate_up_pair(const W* block, int64_t h, const float* row, float* hidden) {
+  const W* b1 = block + h * 16;
+  V g0 = v_zero(), u0 = v_zero(), g1 = v_zero(), u1 = v_zero();
+  V g0b = v_zero(), u0b = v_zero(), g1b = v_zero(), u1b = v_zero();
+  int64_t c = 0;
+  for (; c + 2 <= h; c += 2) {
+#pragma GCC unroll 4
+    for (int64_t l = 0; l < (2 * 16 * int64_t(sizeof(W)) + 63) / 64; ++l) {
+      v_prefetch(reinterpret_cast<const char*>(block + c * 16) + kPrefetchBytes + l * 64);
+      v_prefetch(reinterpret_cast<const char*>(b1 + c * 16) + kPrefetchBytes + l * 64);
+    }
+    const V x0 = v_bcast(row + c), x1 = v_bcast(row + c + 1);
+    g0 = v_fma(x0, v_load_w(block + c * 16), g0);
+    u0 = v_fma(x0, v_load_w(block + c * 16 + 8), u0);
+    g1 = v_fma(x0, v_load_w(b1 + c * 16), g1);
+    u1 = v_fma(x0, v_load_w(b1 + c * 16 + 8), u1);
+    g0b = v_fma(x1, v_load_w(block + c * 16 + 16), g0b);
+    u0b = v_fma(x1, v_load_w(block + c * 16 + 24), u0b);
+    g1b = v_fma(x1, v_load_w(b1 + c * 16 + 16), g1b);
+    u1b = v_fma(x1, v_load_w(b1 + c * 16 + 24), u1b);
+  }
+  for (; c < h; ++c) {
+    const V x0 = v_bcast(row + c);
+    g0 = v_fma(x0, v_load_w(block + c * 16), g0);
+    u0 = v_fma(x0, v_load_w(block + c * 16 + 8), u0);
+    g1 = v_fma(x0, v_load_w(b1 + c * 16), g1);
+    u1 = v_fma(x0, v_load_w(b1 + c * 16 + 8), u1);
+  }
+  v_store(hidden, v_silu_mul(v_add(g0, g0b), v_add(u0, u0b)));
+  v_store(hidden + 8, v_silu_mul(v_add(g1, g1b), v_add(u1, u1b)));
+}
+
 template <typename W>
 void gate_up_block(const W* block, int64_t h, const float* const* rows, int64_t n, float* hidden,
                    int64_t ldh) {
@@ -124,6 +159,38 @@ inline void down_tile(const W* block, int64_t Ip, const float* hidden, float* ou
   }
 }
 
+// Two down blocks of one expert (block, second) for one hidden row, read side by side:
+// out0[0..8) and out1[0..8), the same sums in the same order as down_tile<W, 1>.
+template <typename W>
+void down_pair(const W* block, const W* second, int64_t Ip, const float* hidden, float* out0,
+               float* out1) {
+  constexpr int CS = 4;
+  V a[CS], c[CS];
+#pragma GCC unroll 4
+  for (int s = 0; s < CS; ++s) a[s] = c[s] = v_zero();
+  for (int64_t i = 0; i < Ip; i += CS) {
+#pragma GCC unroll 4
+    for (int64_t l = 0; l < (CS * 8 * int64_t(sizeof(W)) + 63) / 64; ++l) {
+      v_prefetch(reinterpret_cast<const char*>(block + i * 8) + kPrefetchBytes + l * 64);
+      v_prefetch(reinterpret_cast<const char*>(second + i * 8) + kPrefetchBytes + l * 64);
+    }
+#pragma GCC unroll 4
+    for (int s = 0; s < CS; ++s) {
+      const V x = v_bcast(hidden + i + s);
+      a[s] = v_fma(x, v_load_w(block + (i + s) * 8), a[s]);
+      c[s] = v_fma(x, v_load_w(second + (i + s) * 8), c[s]);
+    }
+  }
+  V sa = a[0], sc = c[0];
+#pragma GCC unroll 4
+  for (int s = 1; s < CS; ++s) {
+    sa = v_add(sa, a[s]);
+    sc = v_add(sc, c[s]);
+  }
+  v_store(out0, sa);
+  v_store(out1, sc);
+}
+
 // The n rows of one expert (hidden row t -> out row t, [n][8]).
 template <typename W>
 void down_block(const W* block, int64_t Ip, const float* hidden, int64_t n, float* out) {
@@ -153,9 +220,14 @@ inline void add_scaled_rows(const float* partial, int64_t rows, const int32_t* t
   }
 }
 
+template <typename W>
+DecodeKernels<W> decode_kernels_of() {
+  return DecodeKernels<W>{&gate_up_block<W>, &down_block<W>, &add_scaled_rows, &gate_up_pair<W>,
+                          &down_pair<W>};
+}
+
 inline void fill_decode_kernels(AllDecodeKernels& out) {
-  out.f32 = DecodeKernels<float>{&gate_up_block<float>, &down_block<float>, &add_scaled_rows};
-  out.bf16 = DecodeKernels<c10::BFloat16>{&gate_up_block<c10::BFloat16>, &down_block<c10::BFloat16>,
-                                          &add_scaled_rows};
-  out.f16 = DecodeKernels<c10::Half>{&gate_up_block<c10::Half>, &down_block<c10::Half>, &add_scaled_rows};
+  out.f32 = decode_kernels_of<float>();
+  out.bf16 = decode_kernels_of<c10::BFloat16>();
+  out.f16 = decode_kernels_of<c10::Half>();
 }
