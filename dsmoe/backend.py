@@ -195,7 +195,8 @@ def stacked_alias(first: Tensor, second: Tensor) -> Optional[Tensor]:
         return None
     shape = (first.shape[0] + second.shape[0], *first.shape[1:])
     with torch.no_grad():
-        return first.new_empty(0).set_(storage, first.storage_offset(), shape, first.stride())
+        # contiguous strides (none given): first.stride() may hold any value for a dim of size 1
+        return first.new_empty(0).set_(storage, first.storage_offset(), shape)
 
 
 class _StackedWeights(torch.autograd.Function):
