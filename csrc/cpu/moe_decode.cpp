@@ -450,7 +450,7 @@ void run_decode(const at::Tensor& xf, const std::vector<Slot>& slots, const int3
     const int64_t Ip = sl.nb * 8;
     const int64_t b_end = std::min(nbh, (u % groups + 1) * kDownGroup);
     const int64_t b_begin = (u % groups) * kDownGroup;
-    if (sl.rows == 1) {
+    if (paired(sl)) {
       // one token: blocks b and b + kDownPair read side by side (two streams)
       for (int64_t b = b_begin; b < b_end; ++b) {
         if ((b - b_begin) % (2 * kDownPair) >= kDownPair) continue;  // done with its partner
