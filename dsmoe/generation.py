@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -108,6 +110,16 @@ class KVCache:
         return self.keys[layer_idx], self.values[layer_idx]
 
 
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside dsmoe and torch (the
+    user's line), whether generate was called directly, through the model or through no_grad."""
+    inside = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _filter_logits(logits: Tensor, top_k: Optional[int], top_p: Optional[float]) -> Tensor:
     """Masks (to -inf) all but the top_k logits and the smallest set whose probability reaches
     top_p (the most likely token always stays)."""
@@ -200,7 +212,7 @@ def generate(
         warnings.warn(
             "generate: right padding detected (a row's last column is padding); new tokens follow "
             "the padding and differ from that row alone. Pad on the left for batched generation.",
-            stacklevel=3,
+            stacklevel=_caller_stacklevel(),
         )
     eos = torch.tensor(eos_ids, device=device, dtype=input_ids.dtype) if eos_ids and has_values else None
     finished = torch.zeros(B, dtype=torch.bool, device=device)

@@ -191,6 +191,12 @@ class DeepSeekMoEBackbone(nn.Module):
                         lambda module, args, out: router_logits.append(F.linear(args[0], module.weight))
                     ))
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if checkpointing and cache is not None:
+            # backward would run each block again and write its keys into the cache a second time
+            raise ValueError(
+                "a KV cache (use_cache / past_key_values) cannot be combined with gradient checkpointing "
+                "in training: pass use_cache=False, or run under torch.no_grad() or eval()"
+            )
         hidden_states = inputs_embeds
         all_hidden: List[Tensor] = []
         aux_loss: Optional[Tensor] = None

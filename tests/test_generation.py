@@ -218,3 +218,193 @@ def test_right_padding_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.generate(ids, max_new_tokens=2, attention_mask=mask)
+
+
+# ---------------------------------------------------------------- found by mutation testing (docs/mutation_testing.md)
+def test_kv_cache_arguments_are_checked_naming_each():
+    assert KVCache(1).num_layers == 1 and KVCache(1).get_seq_length() == 0
+    with pytest.raises(ValueError, match=r"^KVCache: num_layers must be >= 1, got 0$"):
+        KVCache(0)
+    sizes = dict(batch_size=1, num_kv_heads=2, head_dim=4)
+    assert KVCache(2, 3, **sizes).keys[1].shape == (1, 2, 3, 4)
+    for name in ("max_length", "batch_size", "num_kv_heads", "head_dim"):
+        for bad in (0, -1) if name == "max_length" else (0, None):  # max_length None: a dynamic cache
+            args = {"max_length": 3, **sizes, name: bad}
+            with pytest.raises(ValueError, match=rf"^KVCache: a static cache needs {name} >= 1, got {bad!r}$"):
+                KVCache(2, args.pop("max_length"), **args)
+
+
+def test_static_kv_cache_buffers_take_the_device_and_dtype_asked_for():
+    config = make_model().config
+    cache = KVCache.static(config, 2, 5, dtype=torch.float16, device="meta")
+    for buffers in (cache.keys, cache.values):
+        assert len(buffers) == config.num_hidden_layers
+        assert all(b.device.type == "meta" and b.dtype == torch.float16 and b.shape == (2, 2, 5, 8) for b in buffers)
+    # fp64 keys written into an fp32 cache are stored rounded to fp32
+    cache = KVCache(1, 4, batch_size=1, num_kv_heads=1, head_dim=2)
+    key = torch.tensor([[[[1 / 3, 2 / 3]]]], dtype=torch.float64)
+    keys, values = cache.update(0, key, -key, torch.tensor([2]))
+    assert keys.dtype == values.dtype == torch.float32
+    assert torch.equal(keys[0, 0, 2], key[0, 0, 0].float()) and torch.equal(values[0, 0, 2], -key[0, 0, 0].float())
+    assert not keys[0, 0, [0, 1, 3]].any()
+
+
+def test_kv_cache_batch_mismatch_names_both_sizes():
+    cache = KVCache(1, 4, batch_size=3, num_kv_heads=2, head_dim=2)
+    with pytest.raises(ValueError, match=r"^KVCache: batch size 1 does not match the cache's 3$"):
+        cache.update(0, torch.zeros(1, 2, 1, 2), torch.zeros(1, 2, 1, 2), torch.tensor([0]))
+
+
+def test_dynamic_kv_cache_length_is_the_first_layers():
+    # during a forward pass, layer 0 holds the new tokens before the later layers do
+    cache = KVCache(2)
+    cache.update(0, torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4), torch.arange(5))
+    assert cache.get_seq_length() == 5 and cache.kv_length(2) == 7
+
+
+def test_filter_logits_works_on_any_leading_dims_and_its_boundaries():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 10)
+    for top_k, top_p in ((3, None), (None, 0.6), (4, 0.5)):
+        batched = _filter_logits(logits, top_k, top_p)
+        for i in range(2):
+            for j in range(3):
+                row = _filter_logits(logits[i, j][None], top_k, top_p)[0]
+                assert torch.equal(batched[i, j], row), (top_k, top_p, i, j)
+                kept = torch.isfinite(row)
+                # the kept tokens are the most likely ones, and -inf marks the others
+                assert bool((logits[i, j][kept].min() > logits[i, j][~kept]).all())
+                assert bool((row[~kept] == float("-inf")).all())
+                assert torch.equal(row[kept], logits[i, j][kept])
+    # top_k 0 or >= the vocabulary and top_p 1: nothing is removed, even tokens of tiny probability
+    # (the mass before them rounds to 1 in fp32)
+    tiny = torch.tensor([[0.0, -30.0, -30.0, -40.0]])
+    for top_k, top_p in ((0, None), (4, None), (9, None), (None, 1.0)):
+        assert torch.equal(_filter_logits(tiny, top_k, top_p), tiny)
+    # top_p is reached exactly by the first token: the smallest set reaching it is that token
+    halves = torch.tensor([[0.5, 0.25, 0.25]]).log()
+    assert torch.isfinite(_filter_logits(halves, None, 0.5)).tolist() == [[True, False, False]]
+    assert torch.isfinite(_filter_logits(halves, None, 0.75)).tolist() == [[True, True, False]]
+
+
+def _seeded(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_generate_defaults_and_what_the_model_is_called_with():
+    from dsmoe.generation import generate
+
+    model = make_model()
+    ids = torch.randint(0, 64, (2, 4))
+    calls, head_rows = [], []
+    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(args[0].shape[1]), with_kwargs=True)
+    model.lm_head.register_forward_hook(lambda module, args, out: head_rows.append(args[0].shape[1]))
+    assert generate(model, ids, eos_token_id=None).shape == (2, 24)  # 20 new tokens by default
+    # cached by default: the prompt once, then one token a step; logits of the last position only
+    assert calls == [4] + [1] * 19 and head_rows == [1] * 20
+    calls.clear(), head_rows.clear()
+    assert generate(model, ids, 3, use_cache=False).shape == (2, 7)
+    assert calls == [4, 5, 6] and head_rows == [1, 1, 1]
+    calls.clear()
+    one = generate(model, ids, 1)
+    assert calls == [4] and torch.equal(one, model.generate(ids, max_new_tokens=3)[:, :5])
+
+
+def test_generate_argument_messages_and_boundaries():
+    model = make_model()
+    ids = torch.randint(0, 64, (2, 4))
+    with pytest.raises(ValueError, match=r"^generate: input_ids must hold at least one token per row$"):
+        model.generate(ids[:, :0], max_new_tokens=2)
+    for bad in (True, 2.5, -1):
+        with pytest.raises(ValueError, match=rf"^generate: max_new_tokens must be an integer >= 0, got {bad!r}$"):
+            model.generate(ids, max_new_tokens=bad)
+    with pytest.raises(ValueError, match=r"^generate: top_p must be in \(0, 1\], got 0.0$"):
+        model.generate(ids, max_new_tokens=2, top_p=0.0)
+    with pytest.raises(ValueError, match=r"^generate: top_k must be >= 0, got -1$"):
+        model.generate(ids, max_new_tokens=2, top_k=-1)
+    message = r"^generate \(a prompt of 4 tokens \+ max_new_tokens=200\) needs 204 positions but the model's max_position_embeddings is 128;"
+    with pytest.raises(ValueError, match=message):
+        model.generate(ids, max_new_tokens=200)
+    # the boundaries themselves are accepted: top_p 1 and top_k 0 filter nothing
+    greedy = model.generate(ids, max_new_tokens=4)
+    for options in (dict(top_p=1.0), dict(top_k=0)):
+        a = model.generate(ids, max_new_tokens=4, temperature=0.01, generator=_seeded(1), **options)
+        assert torch.equal(a, greedy), options
+
+
+def test_generate_samples_when_any_sampling_option_is_given():
+    model = make_model()
+    ids = torch.randint(0, 64, (2, 4))
+    greedy = model.generate(ids, max_new_tokens=6)
+
+    def draws(**options):
+        return {tuple(model.generate(ids, max_new_tokens=6, generator=_seeded(s), **options).flatten().tolist())
+                for s in range(6)}
+
+    assert draws(do_sample=False, temperature=1.0) == {tuple(greedy.flatten().tolist())}
+    for options in (dict(do_sample=True), dict(temperature=1.0), dict(top_k=64), dict(top_p=1.0)):
+        assert len(draws(**options)) > 1, options
+    # do_sample alone samples at temperature 1, the same draws as asking for temperature 1
+    for s in range(3):
+        a = model.generate(ids, max_new_tokens=6, do_sample=True, generator=_seeded(s))
+        b = model.generate(ids, max_new_tokens=6, temperature=1.0, top_k=0, generator=_seeded(s))
+        assert torch.equal(a, b)
+    # logits are divided by the temperature: a cold sample is the greedy one, a hot one is not
+    assert all(torch.equal(model.generate(ids, max_new_tokens=6, temperature=0.01, generator=_seeded(s)), greedy)
+               for s in range(3))
+    # a tiny top_p keeps only the most likely token, whatever the temperature
+    assert torch.equal(model.generate(ids, max_new_tokens=6, temperature=100.0, top_p=1e-9, generator=_seeded(0)), greedy)
+
+
+def test_generate_stops_at_any_of_several_eos_ids_and_pads_with_the_first():
+    model = make_model()
+    ids = torch.randint(0, 64, (1, 4))
+    free = model.generate(ids, max_new_tokens=10, eos_token_id=None)
+    eos = int(free[0, 5])  # the second new token
+    first = (free[0, 4:] == eos).nonzero()[0, 0].item()
+    out = model.generate(ids, max_new_tokens=10, eos_token_id=[63 if eos != 63 else 62, eos])
+    assert torch.equal(out, free[:, : 4 + first + 1])
+    # two rows: the one that finished first is padded with the first eos id
+    two = torch.cat([ids, torch.randint(0, 64, (1, 4))])
+    free = model.generate(two, max_new_tokens=10, eos_token_id=None)
+    stop = int(free[0, 4])
+    out = model.generate(two, max_new_tokens=10, eos_token_id=(stop, 99))
+    if out.shape[1] > 5:
+        assert bool((out[0, 5:] == stop).all())
+
+
+def test_generate_runs_on_the_meta_device():
+    # shapes only (what a memory planner asks): no values are looked at, no early stop
+    model = make_model().to("meta")
+    ids = torch.zeros(2, 4, dtype=torch.long, device="meta")
+    for eos in (None, 5):
+        out = model.generate(ids, max_new_tokens=3, eos_token_id=eos)
+        assert out.device.type == "meta" and out.shape == (2, 7)
+
+
+def test_right_padding_warning_its_rows_and_its_text():
+    import warnings
+
+    model = make_model()
+    ids = torch.randint(1, 64, (2, 5))
+    mask = torch.ones_like(ids)
+    mask[1, -1] = 0  # only the last column of row 1 is padding
+    with pytest.warns(UserWarning) as record:
+        model.generate(ids, max_new_tokens=1, attention_mask=mask)
+    assert str(record[0].message) == (
+        "generate: right padding detected (a row's last column is padding); new tokens follow the padding "
+        "and differ from that row alone. Pad on the left for batched generation."
+    )
+    assert record[0].filename == __file__  # points at the caller's line
+    from dsmoe.generation import generate
+
+    with pytest.warns(UserWarning, match="right padding") as record:
+        generate(model, ids, 1, attention_mask=mask)  # called directly: one frame less
+    assert record[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # a row whose only token is the last one is left padding; a single row has no batch to pad
+        mask = torch.ones_like(ids)
+        mask[1, :-1] = 0
+        model.generate(ids, max_new_tokens=1, attention_mask=mask)
+        model.generate(ids[:1], max_new_tokens=1, attention_mask=torch.tensor([[1, 1, 1, 1, 0]]))

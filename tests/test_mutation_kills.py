@@ -549,3 +549,274 @@ def test_chunked_prefill_over_a_cache_equals_one_prefill():
         first = model(ids[:, :4], past_key_values=cache, use_cache=True)["logits"]
         rest = model(ids[:, 4:], past_key_values=cache, use_cache=True)["logits"]
     torch.testing.assert_close(torch.cat([first, rest], 1), full, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------- dsmoe/model.py (mutmut survivors)
+def _tiny_model(dtype=torch.float64, **changes):
+    from dsmoe import DeepSeekMoEForCausalLM, get_preset
+
+    torch.manual_seed(0)
+    return DeepSeekMoEForCausalLM(get_preset("tiny", **changes)).to(dtype)
+
+
+def test_model_output_reads_like_a_mapping_of_its_fields():
+    model = _tiny_model().eval()
+    with torch.no_grad():
+        out = model(torch.randint(0, 64, (1, 3)))
+    fields = ["logits", "loss", "aux_loss", "past_key_values", "hidden_states", "tokens_per_expert"]
+    assert list(out) == fields and out.keys() == fields
+    assert out["logits"] is out.logits and out.get("logits") is out.logits
+    assert "logits" in out and "nope" not in out and "keys" not in out
+    assert out.get("nope", 5) == 5 and out.get("keys") is None  # a method is not a field
+    for key in ("nope", "keys", 0):
+        with pytest.raises(KeyError) as error:
+            out[key]
+        assert error.value.args == (key,)
+
+
+def test_model_refuses_a_config_of_another_type_naming_it():
+    from dsmoe import DeepSeekMoEForCausalLM
+
+    with pytest.raises(TypeError, match=r"^config must be a DeepSeekMoEConfig, got dict$"):
+        DeepSeekMoEForCausalLM({"hidden_size": 32})
+
+
+def test_backbone_builds_the_configured_layers():
+    from dsmoe import get_preset
+    from dsmoe.model import DeepSeekMoEBackbone
+
+    config = get_preset("tiny", pad_token_id=3, rms_norm_eps=0.5)
+    for impl, expected in ((None, "dsmoe"), ("reference", "reference")):
+        backbone = DeepSeekMoEBackbone(config) if impl is None else DeepSeekMoEBackbone(config, moe_impl=impl)
+        assert [block.mlp.impl for block in backbone.layers if block.is_moe] == [expected]
+    assert backbone.padding_idx == 3 and backbone.embed_tokens.padding_idx == 3
+    # the final norm uses the configured eps: x / sqrt(mean(x^2) + 0.5) * w (computed in fp32, as
+    # the seeds' RMSNorm)
+    backbone.double().eval()
+    seen = []
+    backbone.norm.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        out = backbone(torch.randint(0, 64, (2, 5)))
+    x = seen[0]
+    expected = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 0.5) * backbone.norm.weight
+    torch.testing.assert_close(out.hidden_states, expected, rtol=1e-6, atol=1e-6)
+    assert out.all_hidden_states is None and out.router_logits is None  # only on request
+
+
+def test_native_gradient_checkpointing_recomputes_blocks_with_the_same_gradients(monkeypatch):
+    import warnings
+
+    from dsmoe.layers import DeepSeekMoEBlock
+
+    calls = []
+    block_forward = DeepSeekMoEBlock.forward
+
+    def counted(self, *args):
+        calls.append(self.layer_idx)
+        return block_forward(self, *args)
+
+    monkeypatch.setattr(DeepSeekMoEBlock, "forward", counted)
+    model = _tiny_model().train()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # a padded row: the blocks get an attention mask
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert model.model.gradient_checkpointing is False  # off unless asked for
+    model(ids, labels=ids).loss.backward()
+    assert calls == [0, 1]
+    grads = {}
+    for enable in (False, True, False):
+        model.set_gradient_checkpointing(enable)
+        calls.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # e.g. torch's "pass use_reentrant explicitly"
+            # torch.autograd.grad: reentrant checkpointing supports only .backward()
+            grads[enable] = torch.autograd.grad(model(ids, attention_mask=mask, labels=ids).loss, params)
+        assert calls == ([0, 1, 1, 0] if enable else [0, 1])  # each block again in backward (last first)
+        assert model.model.gradient_checkpointing is enable
+    for with_, without in zip(grads[True], grads[False]):
+        torch.testing.assert_close(with_, without, rtol=1e-12, atol=1e-12)
+    calls.clear()
+    model.set_gradient_checkpointing()
+    with torch.no_grad():
+        model(ids)  # nothing to recompute without grad
+    assert calls == [0, 1] and model.model.gradient_checkpointing is True
+
+
+def test_gradient_checkpointing_refuses_a_kv_cache_in_training():
+    # backward would run each block again and write the KV cache twice: refused, not corrupted
+    model = _tiny_model().train()
+    model.set_gradient_checkpointing(True)
+    ids = torch.randint(0, 64, (2, 7))
+    with pytest.raises(ValueError, match=r"^a KV cache \(use_cache / past_key_values\) cannot be combined"):
+        model(ids, labels=ids, use_cache=True)
+    with torch.no_grad():
+        assert model(ids, use_cache=True).past_key_values.get_seq_length() == 7
+
+
+def test_attention_mask_longer_than_the_keys_is_refused():
+    model = _tiny_model().eval()
+    with pytest.raises(ValueError, match=r"^attention_mask has 7 columns but the keys span 5 positions$"):
+        model(torch.randint(0, 64, (2, 5)), attention_mask=torch.ones(2, 7, dtype=torch.long))
+
+
+def test_static_cache_with_a_mask_of_the_tokens_so_far_equals_the_dynamic_cache():
+    # the mask covers the tokens seen so far (shorter than the static buffer): the later columns
+    # are future slots, filled in as allowed (causality hides them), left padding kept
+    from dsmoe import KVCache
+
+    model = _tiny_model().eval()
+    ids = torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # row 1 left-padded
+    static = KVCache.static(model.config, 2, 12, dtype=torch.float64)
+    dynamic = KVCache.dynamic(model.config)
+    with torch.no_grad():
+        a = model(ids[:, :5], attention_mask=mask[:, :5], past_key_values=static)["logits"]
+        b = model(ids[:, :5], attention_mask=mask[:, :5], past_key_values=dynamic, use_cache=True)["logits"]
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        for t in range(5, 8):
+            a = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=static)["logits"]
+            b = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=dynamic)["logits"]
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        # the padded row equals that row alone, without padding
+        alone = model(ids[1:, 3:])["logits"]
+    torch.testing.assert_close(a[1], alone[0, -1:], rtol=1e-9, atol=1e-9)
+
+
+def test_forward_checks_positions_unless_a_static_cache_gets_them_from_the_caller():
+    from dsmoe import KVCache
+
+    model = _tiny_model(max_position_embeddings=8).eval()
+    ids = torch.randint(0, 64, (1, 9))
+    message = r"^forward needs 9 positions but the model's max_position_embeddings is 8;"
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=message):
+            model(ids)
+        # a dynamic cache with the caller's cache_position: still checked
+        cache = KVCache.dynamic(model.config)
+        model(ids[:, :6], past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match=message):
+            model(ids[:, 6:], past_key_values=cache, cache_position=torch.arange(6, 9))
+        # a static cache larger than the limit, positions chosen by the model: checked
+        static = KVCache.static(model.config, 1, 12, dtype=torch.float64)
+        with pytest.raises(ValueError, match=message):
+            model(ids, past_key_values=static)
+        # the caller owns the positions of a static cache (generate checks its whole length)
+        static = KVCache.static(model.config, 1, 12, dtype=torch.float64)
+        model(ids, past_key_values=static, cache_position=torch.arange(9))
+
+
+def test_generate_defaults_to_twenty_new_tokens():
+    model = _tiny_model().eval()
+    ids = torch.randint(0, 64, (1, 3))
+    assert model.generate(ids, eos_token_id=None).shape == (1, 23)
+
+
+def _rotary_positions(model):
+    """The position ids the model hands its rotary tables, call by call."""
+    seen = []
+    model.model.rotary_emb.register_forward_hook(lambda module, args, out: seen.append(args[0].tolist()))
+    return seen
+
+
+def test_left_padded_rows_count_positions_from_their_first_token():
+    from dsmoe import KVCache
+
+    model = _tiny_model().eval()
+    seen = _rotary_positions(model)
+    ids = torch.randint(1, 64, (2, 5))
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+        # a static cache given only the prompt's mask: later tokens continue each row's count
+        cache = KVCache.static(model.config, 2, 8, dtype=torch.float64)
+        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids[:, :1], attention_mask=mask, past_key_values=cache)
+        model(ids[:, :2], attention_mask=mask, past_key_values=cache)
+    assert seen == [
+        [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]],
+        [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]],
+        [[3], [5]],
+        [[4, 5], [6, 7]],
+    ]
+
+
+def test_model_forward_messages():
+    model = _tiny_model().eval()
+    ids = torch.randint(0, 64, (1, 4))
+    with pytest.raises(ValueError, match=r"^forward: pass input_ids or inputs_embeds$"):
+        model()
+    with pytest.raises(TypeError, match=r"KVCache.static\), got tuple$"):
+        model(ids, past_key_values=())
+    with pytest.raises(ValueError, match=r"^logits_to_keep must be >= 0, got -1$"):
+        model(ids, logits_to_keep=-1)
+    with pytest.raises(ValueError, match=r"^logits_to_keep cannot be combined with labels \(the loss needs every position\)$"):
+        model(ids, labels=ids, logits_to_keep=1)
+
+
+def test_model_forward_passes_positions_and_cache_slots_on():
+    from dsmoe import KVCache
+
+    model = _tiny_model().eval()
+    ids = torch.randint(0, 64, (1, 6))
+    with torch.no_grad():
+        plain = model(ids)
+        # the final normed hidden states are what the head maps to logits
+        torch.testing.assert_close(model.lm_head(plain.hidden_states).float(), plain.logits, rtol=0, atol=0)
+        spread = torch.arange(6)[None] * 3
+        out = model(ids, position_ids=spread)
+        expected = model.lm_head(model.model(ids, position_ids=spread).hidden_states).float()
+        torch.testing.assert_close(out.logits, expected, rtol=0, atol=0)
+        assert not torch.allclose(out.logits, plain.logits)
+        # a caller rewrites the last slot of a static cache (a rejected draft token): same logits
+        cache = KVCache.static(model.config, 1, 8, dtype=torch.float64)
+        model(ids, past_key_values=cache, cache_position=torch.arange(6))
+        again = model(ids[:, 5:], past_key_values=cache, cache_position=torch.tensor([5]))
+        torch.testing.assert_close(again.logits[:, -1], plain.logits[:, -1], rtol=1e-9, atol=1e-9)
+        # use_cache=False: a cache passed along is neither read nor written
+        cache = KVCache.dynamic(model.config)
+        out = model(ids, past_key_values=cache, use_cache=False)
+        assert out.past_key_values is None and cache.get_seq_length() == 0
+        torch.testing.assert_close(out.logits, plain.logits, rtol=0, atol=0)
+        # a static cache filled to the last slot without cache_position
+        cache = KVCache.static(model.config, 1, 6, dtype=torch.float64)
+        torch.testing.assert_close(model(ids, past_key_values=cache).logits, plain.logits, rtol=1e-9, atol=1e-9)
+
+
+def test_backbone_returns_hidden_states_and_router_logits_on_request():
+    import torch.nn.functional as F
+
+    model = _tiny_model().eval()
+    ids = torch.randint(0, 64, (2, 5))
+    moe = model.moe_layers()[0]
+    moe_inputs = []
+    moe.register_forward_hook(lambda module, args, out: moe_inputs.append(args[0]))
+    with torch.no_grad():
+        out = model.model(ids, output_hidden_states=True, output_router_logits=True)
+    hidden = out.all_hidden_states
+    assert len(hidden) == model.config.num_hidden_layers + 1
+    torch.testing.assert_close(hidden[0], model.model.embed_tokens(ids), rtol=0, atol=0)
+    assert hidden[-1] is out.hidden_states
+    (logits,) = out.router_logits
+    torch.testing.assert_close(logits, moe_inputs[0].reshape(10, -1) @ moe.gate.weight.T, rtol=1e-12, atol=1e-12)
+    assert not moe.gate._forward_hooks  # removed again
+
+
+def test_model_counts_its_parameters():
+    # tiny: vocab 64, hidden 32, 2 layers (the first dense, intermediate 64), 4 heads of 8 over 2
+    # key/value heads, 8 routed experts of 16 and 1 shared, untied head
+    attention = 32 * 32 + 2 * (32 * 16) + 32 * 32
+    dense = attention + 2 * 32 + 3 * 32 * 64
+    moe = attention + 2 * 32 + 8 * 32 + 8 * 3 * 32 * 16 + 3 * 32 * 16
+    assert _tiny_model().num_parameters() == 2 * 64 * 32 + 32 + dense + moe
+    assert _tiny_model(tie_word_embeddings=True).num_parameters() == 64 * 32 + 32 + dense + moe
+
+
+def test_from_pretrained_builds_the_moe_impl_asked_for(tmp_path):
+    from dsmoe import DeepSeekMoEForCausalLM
+
+    _tiny_model().save_pretrained(tmp_path)
+    assert DeepSeekMoEForCausalLM.from_pretrained(tmp_path).moe_impl == "dsmoe"
+    loaded = DeepSeekMoEForCausalLM.from_pretrained(tmp_path, moe_impl="reference")
+    assert [layer.impl for layer in loaded.moe_layers()] == ["reference"]

@@ -32,12 +32,12 @@ else
     losses) tests=(tests/test_losses_formulas.py tests/test_model.py tests/test_ops_reference.py) ;;
     layers) tests=(tests/test_mutation_kills.py tests/test_model.py tests/test_losses_formulas.py) ;;
     config) tests=(tests/test_model_config.py tests/test_mutation_kills.py tests/test_losses_formulas.py) ;;
-    model) tests=(tests/test_model.py tests/test_mutation_kills.py) ;;
+    model) tests=(tests/test_model.py tests/test_mutation_kills.py tests/test_generation.py) ;;
     # opcheck of the decode ops reaches every settings read and takes ~15 s: run once, not per mutant
     backend) tests=(tests/test_backend.py tests/test_model.py tests/test_mutation_kills.py tests/test_moe_decode.py)
              deselect=(tests/test_moe_decode.py::test_opcheck) ;;
     decode) tests=(tests/test_moe_decode.py) ;;
-    generation) tests=(tests/test_generation.py) ;;
+    generation) tests=(tests/test_generation.py tests/test_model.py tests/test_mutation_kills.py) ;;
     ops) tests=(tests/test_ops_gate.py tests/test_ops_permute.py tests/test_ops_gemm.py tests/test_ops_reference.py) ;;
     checkpoint) tests=(tests/test_checkpoint.py) ;;
     *) echo "no default tests for $mod: pass pytest arguments" >&2; exit 2 ;;
@@ -57,6 +57,29 @@ else
   mkdir -p "$work"
   cp -a dsmoe tests pyproject.toml "$work"/
 fi
+# mutmut 3 leaves decorated functions alone; @torch.no_grad() ones (generate, init_weights, ...)
+# are applied after the definition instead, so their bodies get mutants too
+"$PY" - "$work/dsmoe/$mod.py" <<'PYEOF'
+import re, sys
+path = sys.argv[1]
+lines = open(path, encoding="utf-8").read().split("\n")
+out, wraps, cls = [], [], None
+for i, line in enumerate(lines):
+    match = re.match(r"class (\w+)", line)
+    if match:
+        cls = match.group(1)
+    nxt = lines[i + 1] if i + 1 < len(lines) else ""
+    deco = re.fullmatch(r"(\s*)@torch\.no_grad\(\)\s*", line)
+    func = re.match(r"(\s*)def (\w+)\(", nxt)
+    if deco and func and func.group(1) == deco.group(1) and len(deco.group(1)) in (0, 4):
+        name = func.group(2) if not deco.group(1) else f"{cls}.{func.group(2)}"
+        wraps.append(f"{name} = torch.no_grad()({name})")
+        continue
+    out.append(line)
+if wraps:
+    out += ["", "# tools/mutation_python.sh: the @torch.no_grad() decorators, applied here"] + wraps + [""]
+open(path, "w", encoding="utf-8").write("\n".join(out))
+PYEOF
 # pyproject.toml carries no [tool.mutmut], so mutmut reads setup.cfg
 {
   echo "[mutmut]"
