@@ -230,6 +230,29 @@ def test_generate_greedy_equals_dsmoe_and_stops_at_eos(hf_model, released):
     assert hf_eos.shape[1] == 6 and torch.equal(hf_eos, ours.generate(ids[:1], max_new_tokens=12, eos_token_id=eos))
 
 
+def test_forward_takes_the_cache_by_either_name(hf_model):
+    # transformers 5.24 renamed past_key_values to cache (its generate passes cache=); 5.23 and
+    # user code pass past_key_values: both continue the sequence exactly, and a cache given
+    # twice or not a Cache is refused by name
+    from transformers.cache_utils import DynamicCache
+
+    ids = torch.randint(0, 256, (2, 7))
+    with torch.no_grad():
+        full = hf_model(ids, use_cache=False).logits[:, 4:]
+        for name in ("cache", "past_key_values"):
+            cache = DynamicCache(config=hf_model.config)
+            first = hf_model(ids[:, :4], use_cache=True, **{name: cache})
+            returned = first["cache"] if "cache" in first.__dataclass_fields__ else first["past_key_values"]
+            assert returned is cache and cache.get_seq_length() == 4
+            rest = hf_model(ids[:, 4:], use_cache=True, **{name: cache}).logits
+            torch.testing.assert_close(rest, full, rtol=1e-4, atol=1e-4, msg=name)
+        with pytest.raises(ValueError, match="cache or past_key_values, not both"):
+            hf_model(ids, cache=DynamicCache(), past_key_values=DynamicCache())
+        for name in ("cache", "past_key_values"):
+            with pytest.raises(TypeError, match=f"^{name} must be a transformers Cache, got tuple"):
+                hf_model(ids, **{name: ()})
+
+
 def test_generate_left_padding_equals_one_by_one(hf_model, tokenizer):
     texts = ["def main():", "x", "import os\nimport sys"]
     batch = prompts(tokenizer, texts)

@@ -29,6 +29,9 @@ from ..config import DeepSeekMoEConfig, check_positions
 from ..model import DeepSeekMoEBackbone, init_module
 
 MODEL_TYPE = "deepseek"
+# transformers 5.24 renamed the cache argument and output field ``past_key_values`` to ``cache``
+# (generate passes ``cache=``); both names are accepted, the output uses the installed one's
+_CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class DeepseekConfig(PreTrainedConfig):
@@ -38,7 +41,7 @@ class DeepseekConfig(PreTrainedConfig):
     class replaces that code, and a saved config must not point at files that are not there."""
 
     model_type = MODEL_TYPE
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
     attribute_map = {
         "num_shared_experts": "n_shared_experts",
         "num_routed_experts": "n_routed_experts",
@@ -126,7 +129,7 @@ class DeepseekPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DeepSeekMoEBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
 
@@ -217,6 +220,7 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         return_dict: Optional[bool] = None,
         cache_position: Optional[Tensor] = None,
         logits_to_keep: Union[int, Tensor] = 0,
+        cache: Optional[Cache] = None,
         **kwargs: Any,
     ) -> MoeCausalLMOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -226,8 +230,12 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
                 "DeepseekForCausalLM: output_attentions is not supported (attention runs through "
                 "scaled_dot_product_attention, which returns no weights)"
             )
+        if cache is not None and past_key_values is not None:
+            raise ValueError("DeepseekForCausalLM.forward: pass the KV cache as cache or past_key_values, not both")
+        name = "cache" if cache is not None else "past_key_values"
+        past_key_values = cache if cache is not None else past_key_values
         if past_key_values is not None and not isinstance(past_key_values, Cache):
-            raise TypeError(f"past_key_values must be a transformers Cache, got {type(past_key_values).__name__}")
+            raise TypeError(f"{name} must be a transformers Cache, got {type(past_key_values).__name__}")
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
                 f"attention_mask must be the 2-d padding mask [batch, keys], got shape {tuple(attention_mask.shape)}"
@@ -280,10 +288,10 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=out.all_hidden_states,
             attentions=None,
             router_logits=out.router_logits,
+            **{_CACHE_FIELD: past_key_values if use_cache else None},
         )
 
 
