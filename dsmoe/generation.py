@@ -110,14 +110,16 @@ class KVCache:
         return self.keys[layer_idx], self.values[layer_idx]
 
 
-def _caller_stacklevel() -> int:
-    """The ``stacklevel`` that points a warning at the first frame outside dsmoe and torch (the
-    user's line), whether generate was called directly, through the model or through no_grad."""
+def _warn_at_caller(message: str) -> None:
+    """``warnings.warn`` pointed at the first frame outside dsmoe and torch (the user's line),
+    whether generate was called directly, through the model or through no_grad. The frames are
+    counted from this function's own, the one ``stacklevel=1`` names, so wrappers between it
+    and generate (a decorator, a mutation-testing trampoline) cannot shift the count."""
     inside = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep)
-    frame, level = sys._getframe(1), 1
+    frame, level = sys._getframe(0), 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
         frame, level = frame.f_back, level + 1
-    return level
+    warnings.warn(message, UserWarning, stacklevel=level)
 
 
 def _filter_logits(logits: Tensor, top_k: Optional[int], top_p: Optional[float]) -> Tensor:
@@ -209,10 +211,9 @@ def generate(
     # a meta-device run (shapes only) has no values to look at: no checks, no early stop
     has_values = device.type != "meta"
     if has_values and B > 1 and bool((attention_mask[:, -1] == 0).any()):  # one check per call
-        warnings.warn(
+        _warn_at_caller(
             "generate: right padding detected (a row's last column is padding); new tokens follow "
-            "the padding and differ from that row alone. Pad on the left for batched generation.",
-            stacklevel=_caller_stacklevel(),
+            "the padding and differ from that row alone. Pad on the left for batched generation."
         )
     eos = torch.tensor(eos_ids, device=device, dtype=input_ids.dtype) if eos_ids and has_values else None
     finished = torch.zeros(B, dtype=torch.bool, device=device)
