@@ -366,13 +366,38 @@ def test_generate_stops_at_any_of_several_eos_ids_and_pads_with_the_first():
     first = (free[0, 4:] == eos).nonzero()[0, 0].item()
     out = model.generate(ids, max_new_tokens=10, eos_token_id=[63 if eos != 63 else 62, eos])
     assert torch.equal(out, free[:, : 4 + first + 1])
-    # two rows: the one that finished first is padded with the first eos id
-    two = torch.cat([ids, torch.randint(0, 64, (1, 4))])
-    free = model.generate(two, max_new_tokens=10, eos_token_id=None)
-    stop = int(free[0, 4])
-    out = model.generate(two, max_new_tokens=10, eos_token_id=(stop, 99))
-    if out.shape[1] > 5:
-        assert bool((out[0, 5:] == stop).all())
+    # two rows: the one that finished first is padded with the first eos id, the other runs on
+    # to its own eos (or the end)
+    torch.manual_seed(3)
+    while True:
+        two = torch.cat([ids, torch.randint(0, 64, (1, 4))])
+        free = model.generate(two, max_new_tokens=10, eos_token_id=None)
+        stop = int(free[0, 4])
+        if int(free[1, 4]) != stop:
+            break
+    other = next(t for t in range(64) if t != stop and t not in free[1, 4:].tolist())
+    out = model.generate(two, max_new_tokens=10, eos_token_id=(other, stop))
+    hits = (free[1, 4:] == stop).nonzero()
+    n_new = int(hits[0, 0]) + 1 if len(hits) else 10
+    assert n_new > 1 and out.shape == (2, 4 + n_new)
+    assert torch.equal(out[1], free[1, : 4 + n_new])
+    assert torch.equal(out[0, :5], free[0, :5]) and bool((out[0, 5:] == other).all())
+
+
+def test_generate_checks_for_eos_every_interval_steps():
+    # every row is done after the first step: the check at step EOS_CHECK_INTERVAL - 1 stops it,
+    # so the model runs the prefill and EOS_CHECK_INTERVAL - 1 decode steps
+    from dsmoe.generation import EOS_CHECK_INTERVAL
+
+    model = make_model()
+    ids = torch.randint(0, 64, (2, 4))
+    free = model.generate(ids, max_new_tokens=1, eos_token_id=None)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    for use_cache in (True, False):
+        calls.clear()
+        out = model.generate(ids, max_new_tokens=3 * EOS_CHECK_INTERVAL, eos_token_id=free[:, 4].tolist(), use_cache=use_cache)
+        assert torch.equal(out, free) and len(calls) == EOS_CHECK_INTERVAL, use_cache
 
 
 def test_generate_runs_on_the_meta_device():
