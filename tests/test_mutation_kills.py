@@ -648,7 +648,11 @@ def test_gradient_checkpointing_refuses_a_kv_cache_in_training():
     model = _tiny_model().train()
     model.set_gradient_checkpointing(True)
     ids = torch.randint(0, 64, (2, 7))
-    with pytest.raises(ValueError, match=r"^a KV cache \(use_cache / past_key_values\) cannot be combined"):
+    message = (
+        "a KV cache (use_cache / past_key_values) cannot be combined with gradient checkpointing in "
+        "training: pass use_cache=False, or run under torch.no_grad() or eval()"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         model(ids, labels=ids, use_cache=True)
     with torch.no_grad():
         assert model(ids, use_cache=True).past_key_values.get_seq_length() == 7
@@ -820,3 +824,38 @@ def test_from_pretrained_builds_the_moe_impl_asked_for(tmp_path):
     assert DeepSeekMoEForCausalLM.from_pretrained(tmp_path).moe_impl == "dsmoe"
     loaded = DeepSeekMoEForCausalLM.from_pretrained(tmp_path, moe_impl="reference")
     assert [layer.impl for layer in loaded.moe_layers()] == ["reference"]
+
+
+def test_init_module_is_the_seeds_initialisation():
+    from torch import nn
+
+    from dsmoe.layers import RMSNorm
+    from dsmoe.model import init_module
+
+    torch.manual_seed(0)
+    linear = nn.Linear(400, 500, bias=True)
+    embedding = nn.Embedding(500, 400, padding_idx=3)
+    norm = RMSNorm(64)
+    with torch.no_grad():
+        norm.weight.fill_(5.0)
+        for module in (linear, embedding, norm):
+            init_module(module, 0.05)
+    for weight in (linear.weight, embedding.weight[4:]):
+        # normal(0, 0.05) over 200k values: mean within ~5 standard errors of 0, std within 1%
+        assert abs(float(weight.mean())) < 5 * 0.05 / weight.numel() ** 0.5
+        assert abs(float(weight.std()) / 0.05 - 1) < 0.01
+    assert torch.equal(linear.bias, torch.zeros(500))
+    assert torch.equal(embedding.weight[3], torch.zeros(400))
+    assert torch.equal(norm.weight, torch.ones(64))
+
+
+def test_update_selection_bias_default_rate_and_layer_count_message():
+    model = _tiny_model(use_selection_bias=True).eval()
+    layers = model.moe_layers()
+    loads = tuple(torch.arange(layer.gate.e_score_correction_bias.numel(), dtype=torch.float32) for layer in layers)
+    model.update_selection_bias(loads)
+    for layer, load in zip(layers, loads):
+        assert torch.equal(layer.gate.e_score_correction_bias, 1e-3 * torch.sign(load.mean() - load))
+    with pytest.raises(ValueError, match=f"^tokens_per_expert has {len(layers) + 1} entries for {len(layers)} MoE layers$"):
+        model.update_selection_bias(loads + loads[:1])
+

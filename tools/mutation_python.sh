@@ -32,7 +32,7 @@ else
     losses) tests=(tests/test_losses_formulas.py tests/test_model.py tests/test_ops_reference.py) ;;
     layers) tests=(tests/test_mutation_kills.py tests/test_model.py tests/test_losses_formulas.py) ;;
     config) tests=(tests/test_model_config.py tests/test_mutation_kills.py tests/test_losses_formulas.py) ;;
-    model) tests=(tests/test_model.py tests/test_mutation_kills.py tests/test_generation.py) ;;
+    model) tests=(tests/test_model.py tests/test_mutation_kills.py tests/test_generation.py tests/test_checkpoint.py) ;;
     # opcheck of the decode ops reaches every settings read and takes ~15 s: run once, not per mutant
     backend) tests=(tests/test_backend.py tests/test_model.py tests/test_mutation_kills.py tests/test_moe_decode.py)
              deselect=(tests/test_moe_decode.py::test_opcheck) ;;
