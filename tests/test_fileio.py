@@ -120,3 +120,14 @@ def test_fsync_dir_where_folders_cannot_be_synced(tmp_path, monkeypatch):
     fileio.fsync_dir(tmp_path)
     assert len(calls) == 1
     assert open_fds() == before  # the descriptor is closed either way
+
+
+def test_write_bytes_atomic_failure_before_the_temporary_exists_raises_that_failure(tmp_path, monkeypatch):
+    # the cleanup must not replace the real error (a full disk) with "no such temporary"
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fileio, "open", full, raising=False)
+    with pytest.raises(OSError) as info:
+        fileio.write_bytes_atomic(tmp_path / "a", b"data")
+    assert info.value.errno == 28 and list(tmp_path.iterdir()) == []

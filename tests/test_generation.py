@@ -432,7 +432,7 @@ def test_right_padding_warning_its_rows_and_its_text():
 
 
 def test_right_padding_warning_points_at_the_callers_line():
-    # (tools/mutation_python.sh deselects this one: mutmut's trampolines add frames from its own package)
+    # (tools/mutation_python.sh deselects this one: mutmut's trampolines add frames of its own package)
     from dsmoe.generation import generate
 
     model = make_model()

@@ -78,6 +78,9 @@ def test_byte_stream_decoder_holds_back_incomplete_characters():
     # bytes 0 and 255 are bytes; 256 is not
     stream = tok.stream_decoder()
     assert stream.push(0) == "\x00" and stream.push(256) == "" and stream.push(255) == "\ufffd"
+    from dsmoe.tokenizer import StreamDecoder
+
+    assert StreamDecoder().flush() == ""  # the interface's default: nothing held back
 
 
 def test_byte_tokenizer_as_tokenizers_json_and_saved(tmp_path):
@@ -174,3 +177,75 @@ def test_load_tokenizer_choices_and_messages(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"^load_tokenizer: {tmp_path / 'nope'} is not a directory$"):
         dsmoe.load_tokenizer(tmp_path / "nope")
     assert issubclass(TokenizerError, ValueError)
+
+
+def test_byte_map_is_gpt2s_the_one_tokenizers_byte_level_uses():
+    from tokenizers import pre_tokenizers
+
+    from dsmoe.tokenizer import _bytes_to_unicode
+
+    to_char = _bytes_to_unicode()
+    assert sorted(to_char) == list(range(256))
+    assert set(to_char.values()) == set(pre_tokenizers.ByteLevel.alphabet())
+    # printable bytes map to themselves; the others, in byte order, to U+0100 onwards
+    assert (to_char[ord("!")], to_char[ord("~")], to_char[0xA1], to_char[0xAC], to_char[0xAE], to_char[0xFF]) == (
+        "!", "~", "\xa1", "\xac", "\xae", "\xff"
+    )
+    assert (to_char[0], to_char[0x20], to_char[0x7F], to_char[0xA0], to_char[0xAD]) == (
+        chr(256), chr(256 + 32), chr(256 + 33), chr(256 + 66), chr(256 + 67)
+    )
+
+
+def test_saved_tokenizer_config_is_indented_json(tmp_path):
+    ByteTokenizer().save(tmp_path)
+    assert (tmp_path / "tokenizer_config.json").read_text(encoding="utf-8").startswith('{\n  "tokenizer_class": ')
+
+
+def test_hf_tokenizer_unreadable_file_message_when_the_package_says_little(tmp_path, monkeypatch):
+    import tokenizers
+
+    class Refusing:
+        @staticmethod
+        def from_file(path):
+            raise error
+
+    monkeypatch.setattr(tokenizers, "Tokenizer", Refusing)
+    path = tmp_path / "tokenizer.json"
+    for error, said in ((Exception("first line\nsecond line"), "first line"), (RuntimeError(), "RuntimeError")):
+        with pytest.raises(TokenizerError) as info:
+            HFTokenizer(path)
+        assert str(info.value) == f"cannot read tokenizer {path}: {said}"
+
+
+def test_post_processors_add_nothing_and_do_not_hide_a_byte_tokenizer(tmp_path):
+    from tokenizers import processors
+
+    from dsmoe.tokenizer import _is_byte_tokenizer_json
+
+    # a tokenizer.json whose post-processor adds a BOS: encode gives the text's ids only
+    words = HFTokenizer(word_level_json(tmp_path / "words.json"))
+    words.tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 3)])
+    assert words.tok.encode("hello").ids == [3, 1] and words.encode("hello") == [1]
+    assert words.encode_bytes(b"world").tolist() == [2]
+    # the byte tokenizer with such a post-processor is still recognised
+    fast = ByteTokenizer().to_tokenizers()
+    fast.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", 256)])
+    fast.save(str(tmp_path / "tokenizer.json"))
+    assert _is_byte_tokenizer_json(tmp_path / "tokenizer.json")
+
+
+def test_a_byte_sized_vocabulary_with_the_byte_specials_is_not_enough(tmp_path):
+    # 259 ids with <|bos|> <|eos|> <|pad|> at 256..258, but words, not bytes: not the byte tokenizer
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from dsmoe.tokenizer import _is_byte_tokenizer_json
+
+    vocab = {f"w{i}": i for i in range(256)}
+    vocab.update({"<|bos|>": 256, "<|eos|>": 257, "<|pad|>": 258})
+    t = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.add_special_tokens(["<|bos|>", "<|eos|>", "<|pad|>"])
+    t.save(str(tmp_path / "tokenizer.json"))
+    assert t.get_vocab_size() == BYTE_VOCAB_SIZE
+    assert not _is_byte_tokenizer_json(tmp_path / "tokenizer.json")
+    assert isinstance(dsmoe.load_tokenizer(tmp_path, vocab_size=BYTE_VOCAB_SIZE), HFTokenizer)
