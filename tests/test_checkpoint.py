@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -417,3 +418,342 @@ def test_nan_or_inf_weights_are_refused_naming_the_tensor(tmp_path):
     save_file(tensors, path, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"tensor model\.(layers\.1\.mlp\.experts\.3\.up_proj|norm)\.weight .* 1 NaN/inf value"):
         DeepSeekMoEForCausalLM.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------- pieces, exactly (mutation pass)
+
+
+@pytest.mark.parametrize(
+    "size, expected",
+    [
+        (1, 1), (20_000, 20_000), ("1", 1), ("0.5KB", 500), ("2kb", 2000), (" 3 MB ", 3_000_000),
+        ("1.5GB", 1_500_000_000), ("1KiB", 1024), ("2mib", 2 * 2**20), ("1GiB", 2**30), ("7B", 7), ("7b", 7),
+    ],
+)
+def test_max_shard_size_spellings(size, expected):
+    from dsmoe.checkpoint import _parse_size
+
+    assert _parse_size(size) == expected
+
+
+@pytest.mark.parametrize(
+    "size, message",
+    [
+        (0, "max_shard_size must be positive, got 0"),
+        (-5, "max_shard_size must be positive, got -5"),
+        ("0MB", "max_shard_size must be positive, got '0MB'"),
+        ("0.1B", "max_shard_size must be positive, got '0.1B'"),
+        (True, "max_shard_size must be bytes or like '500MB' / '2GB', got True"),
+        ("lots", "max_shard_size must be bytes or like '500MB' / '2GB', got 'lots'"),
+        ("5 TB", "max_shard_size must be bytes or like '500MB' / '2GB', got '5 TB'"),
+        ("-5", "max_shard_size must be bytes or like '500MB' / '2GB', got '-5'"),
+    ],
+)
+def test_max_shard_size_refusals(size, message):
+    from dsmoe.checkpoint import _parse_size
+
+    with pytest.raises(ValueError) as info:
+        _parse_size(size)
+    assert str(info.value) == message
+
+
+def test_shards_fill_up_to_the_limit_exactly():
+    from dsmoe.checkpoint import _shards
+
+    tensors = {name: torch.zeros(25) for name in "abcd"}  # 100 bytes each
+    assert [list(s) for s in _shards(tensors, 200)] == [["a", "b"], ["c", "d"]]
+    assert [list(s) for s in _shards(tensors, 199)] == [["a"], ["b"], ["c"], ["d"]]
+    assert [list(s) for s in _shards(tensors, None)] == [["a", "b", "c", "d"]]
+    big = {"a": torch.zeros(100), "b": torch.zeros(10)}  # a tensor over the limit gets a shard alone
+    assert [list(s) for s in _shards(big, 50)] == [["a"], ["b"]]
+
+
+def test_hf_state_dict_copies_expert_slices_and_shares_the_rest():
+    # expert slices are fresh tensors (safetensors refuses shared storage); whole tensors are not
+    # copied (saving must not double the model's memory)
+    model = DeepSeekMoEForCausalLM(tiny())
+    state = to_hf_state_dict(model)
+    assert state["model.embed_tokens.weight"].data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    stacked = model.moe_layers()[0].experts.w_gate_up
+    expert = state["model.layers.1.mlp.experts.0.gate_proj.weight"]
+    assert torch.equal(expert, stacked[0, : expert.shape[0]])
+    start, end = stacked.untyped_storage().data_ptr(), stacked.untyped_storage().data_ptr() + stacked.untyped_storage().nbytes()
+    assert not start <= expert.data_ptr() < end
+
+
+def test_describe_shows_five_names_and_counts_the_rest():
+    from dsmoe.checkpoint import _describe
+
+    assert _describe(list("abcde")) == "a, b, c, d, e"
+    assert _describe(list("abcdef")) == "a, b, c, d, e (and 1 more)"
+    assert _describe(list("abcdefgh")) == "a, b, c, d, e (and 3 more)"
+    assert _describe([]) == ""
+
+
+def test_scan_and_index_messages(tmp_path):
+    from dsmoe.checkpoint import _scan, _weight_files, checkpoint_dtype
+
+    one, two = str(tmp_path / "one.safetensors"), str(tmp_path / "two.safetensors")
+    save_file({"x": torch.zeros(2)}, one)
+    save_file({"x": torch.zeros(3)}, two)
+    with pytest.raises(CheckpointError) as info:
+        _scan([one, two], None)
+    assert str(info.value) == f"tensor x appears twice ({one} and {two})"
+    with pytest.raises(CheckpointError) as info:
+        _scan([one], {"x": "one.safetensors", "y": "one.safetensors"})
+    assert str(info.value) == "the index maps tensor y to one.safetensors, which does not hold it"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["x"]}))
+    with pytest.raises(CheckpointError) as info:
+        _weight_files(str(tmp_path))
+    assert str(info.value) == f"{tmp_path / 'model.safetensors.index.json'}: weight_map must be an object"
+    # the stored floating dtype, past integer tensors that come first
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    save_file({"a_counts": torch.zeros(3, dtype=torch.int64), "b_weight": torch.zeros(2, dtype=torch.bfloat16)},
+              str(mixed / "model.safetensors"))
+    assert checkpoint_dtype(str(mixed)) == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "device, device_map, expected",
+    [
+        (None, None, "cpu"), ("meta", None, "meta"), (None, "meta", "meta"), (None, {"": "meta"}, "meta"),
+        (None, torch.device("meta"), "meta"), (torch.device("cpu"), None, "cpu"),
+    ],
+)
+def test_resolve_device_one_device(device, device_map, expected):
+    from dsmoe.checkpoint import _resolve_device
+
+    assert _resolve_device(device, device_map) == torch.device(expected)
+
+
+def test_resolve_device_refusals(monkeypatch):
+    from dsmoe.checkpoint import _resolve_device
+
+    def message(device, device_map=None):
+        with pytest.raises(ValueError) as info:
+            _resolve_device(device, device_map)
+        return str(info.value)
+
+    assert message("cpu", "cpu") == "from_pretrained: pass device or device_map, not both"
+    for spread in ("auto", "balanced", "balanced_low_0", "sequential", {"model": "cpu"}, {"": "cpu", "lm_head": "cpu"}):
+        assert message(None, spread) == (
+            f"from_pretrained: device_map={spread!r} would spread the model over devices, which dsmoe's "
+            "model does not do; pass one device (device='cuda'), or load it with transformers' "
+            "AutoModelForCausalLM.from_pretrained(path, device_map=...) after import dsmoe"
+        )
+    assert message("nonsense").startswith("from_pretrained: device 'nonsense' is not a device (")
+    assert message(True).startswith("from_pretrained: device True is not a device (")  # a bool is not an index
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in (0, "cuda:0"):
+        assert message(device) == "from_pretrained: device 'cuda:0' asked for, but torch finds no CUDA device"
+    assert message(None, 1) == "from_pretrained: device 'cuda:1' asked for, but torch finds no CUDA device"
+
+
+def test_saved_files_names_metadata_and_json_text(tmp_path):
+    from safetensors import safe_open
+
+    from dsmoe import DeepSeekMoEConfig
+    from dsmoe.checkpoint import save_pretrained
+
+    config = DeepSeekMoEConfig.from_dict({**tiny().to_dict(), "auto_map": {"AutoModel": "modeling_deepseek.X"}})
+    model = DeepSeekMoEForCausalLM(config)
+    total = sum(t.numel() * t.element_size() for t in to_hf_state_dict(model).values())
+    # two shards: named from 00001, listed in an index
+    names = save_pretrained(model, tmp_path / "two", max_shard_size=total // 2 + total // 4)
+    assert names == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    index_text = (tmp_path / "two" / "model.safetensors.index.json").read_text()
+    index = json.loads(index_text)
+    assert index_text == json.dumps(index, indent=2, sort_keys=True) + "\n"
+    assert index["metadata"] == {"total_size": total} and sorted(set(index["weight_map"].values())) == names
+    for name in names:  # transformers reads the format from the header
+        with safe_open(str(tmp_path / "two" / name), framework="pt") as f:
+            assert f.metadata() == {"format": "pt"}
+    config_text = (tmp_path / "two" / "config.json").read_text()
+    config = json.loads(config_text)
+    assert config_text == json.dumps(config, indent=2, sort_keys=True) + "\n"
+    assert "auto_map" not in config and config["torch_dtype"] == "float32"  # no remote-code pointers
+    assert save_pretrained(model, tmp_path / "one") == ["model.safetensors"]
+    with safe_open(str(tmp_path / "one" / "model.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+
+
+def test_tokenizer_files_come_along_unless_the_target_has_its_own(tmp_path):
+    source = tmp_path / "source"
+    DeepSeekMoEForCausalLM(tiny()).save_pretrained(source)
+    carried = {"tokenizer.json": b'{"t": 1}', "generation_config.json": b'{"g": 2}', "chat_template.jinja": b"{{x}}"}
+    for name, data in carried.items():
+        (source / name).write_bytes(data)
+    (source / "notes.txt").write_text("not a tokenizer file")
+    loaded = DeepSeekMoEForCausalLM.from_pretrained(source)
+    loaded.save_pretrained(tmp_path / "new")
+    for name, data in carried.items():
+        assert (tmp_path / "new" / name).read_bytes() == data
+    assert not (tmp_path / "new" / "notes.txt").exists()
+    # a target with its own tokenizer keeps it; the others still come
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "tokenizer.json").write_bytes(b'{"mine": true}')
+    loaded.save_pretrained(own)
+    assert (own / "tokenizer.json").read_bytes() == b'{"mine": true}'
+    assert (own / "generation_config.json").read_bytes() == carried["generation_config.json"]
+    # saving back where it came from, or after the source is gone, changes nothing else
+    loaded.save_pretrained(source)
+    assert {n: (source / n).read_bytes() for n in carried} == carried
+    for name in carried:
+        (source / name).unlink()
+    loaded.save_pretrained(tmp_path / "after")
+    assert not any((tmp_path / "after" / n).exists() for n in carried)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_fp64_and_fp16_checkpoints_round_trip(tmp_path, dtype):
+    model = DeepSeekMoEForCausalLM(tiny()).to(dtype)
+    model.save_pretrained(tmp_path)
+    loaded = DeepSeekMoEForCausalLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight.dtype == dtype
+    assert_same_weights(model, loaded)
+
+
+def test_load_messages_in_full(tmp_path, monkeypatch):
+    import dsmoe.checkpoint as ckpt
+
+    model = DeepSeekMoEForCausalLM(tiny())
+    model.save_pretrained(tmp_path)
+    path = str(tmp_path / "model.safetensors")
+    tensors = load_file(path)
+    tensors["model.norm.weight"][:3] = float("nan")
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as info:
+        DeepSeekMoEForCausalLM.from_pretrained(tmp_path)
+    assert str(info.value) == (
+        f"tensor model.norm.weight in {path} holds 3 NaN/inf value(s) of {tensors['model.norm.weight'].numel()}: "
+        "the checkpoint is corrupt (or was saved from a diverged run)"
+    )
+    # a tensor whose header reads but whose data does not
+    real_open = ckpt._open
+
+    class Unreadable:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            self.inner = self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_slice(self, name):
+            return self.inner.get_slice(name)
+
+        def get_tensor(self, name):
+            raise RuntimeError("I/O error")
+
+    monkeypatch.setattr(ckpt, "_open", lambda p: Unreadable(real_open(p)))
+    with pytest.raises(CheckpointError, match=r"^cannot read tensor model\.\S+ from " + re.escape(path) + ": I/O error$"):
+        DeepSeekMoEForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt", "weights.pth", "last.ckpt"])
+def test_each_pickle_extension_is_refused_by_name(tmp_path, name):
+    tiny().save_pretrained(tmp_path)
+    (tmp_path / name).write_bytes(b"\x80\x04not read")
+    (tmp_path / "a.bin").write_bytes(b"\x80\x04not read")
+    expected = ", ".join(sorted({name, "a.bin"}))
+    with pytest.raises(CheckpointError) as info:
+        DeepSeekMoEForCausalLM.from_pretrained(tmp_path)
+    assert str(info.value) == (
+        f"{tmp_path} holds only pickle weights ({expected}); dsmoe reads safetensors only — convert them "
+        "first (e.g. with safetensors' convert script)"
+    )
+
+
+def test_resolve_dtype_names_and_refusals(tmp_path):
+    from dsmoe.checkpoint import _resolve_dtype
+
+    for name in ("torch.bfloat16", "BF16", "torch.float16", "double"):
+        assert _resolve_dtype(name, str(tmp_path)).is_floating_point
+    assert _resolve_dtype("torch.bfloat16", str(tmp_path)) == torch.bfloat16
+    assert _resolve_dtype("torch.float16", str(tmp_path)) == torch.float16
+    for bad in (torch.int64, 3):
+        with pytest.raises(ValueError) as info:
+            _resolve_dtype(bad, str(tmp_path))
+        assert str(info.value) == f"from_pretrained: dtype must be a floating torch.dtype, a name or 'auto', got {bad!r}"
+
+
+def test_from_pretrained_defaults_and_unknown_arguments(tmp_path):
+    config = tiny()
+    model = DeepSeekMoEForCausalLM(config)
+    model.save_pretrained(tmp_path)
+    stored = json.loads((tmp_path / "config.json").read_text())
+    stored["dtype"] = "float32"  # what newer transformers write beside torch_dtype
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    loaded = DeepSeekMoEForCausalLM.from_pretrained(tmp_path)
+    assert loaded.moe_impl == "dsmoe" and not loaded.training
+    assert "torch_dtype" not in loaded.config.extra and "dtype" not in loaded.config.extra  # rewritten at save
+    assert DeepSeekMoEForCausalLM.from_pretrained(tmp_path, moe_impl="reference").moe_impl == "reference"
+    with pytest.raises(TypeError) as info:
+        DeepSeekMoEForCausalLM.from_pretrained(tmp_path, flavour=1, aroma=2)
+    assert str(info.value) == (
+        "from_pretrained: unexpected keyword argument(s) aroma, flavour (accepted: dtype, device, "
+        "device_map, moe_impl and config fields to override)"
+    )
+
+
+def test_save_stages_beside_the_target_and_publishes_config_last(tmp_path, monkeypatch):
+    from dsmoe.checkpoint import SaveError
+
+    model = DeepSeekMoEForCausalLM(tiny())
+    renamed, replaced = [], []
+    real_rename, real_replace = os.rename, os.replace
+    monkeypatch.setattr(os, "rename", lambda a, b: (renamed.append((a, b)), real_rename(a, b))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (replaced.append((a, b)), real_replace(a, b))[1])
+    target = tmp_path / "run"
+    model.save_pretrained(target, max_shard_size=20_000)
+    ((src, dst),) = renamed  # a new target: the staging folder renamed
+    assert dst == str(target) and os.path.dirname(src) == str(tmp_path)
+    assert os.path.basename(src).startswith(".run.saving-")
+    model.save_pretrained(target, max_shard_size=20_000)  # an existing one: file by file, config.json last
+    assert [os.path.basename(b) for a, b in replaced][-1] == "config.json" and len(replaced) > 2
+    assert all(os.path.basename(os.path.dirname(a)).startswith(".run.saving-") for a, b in replaced)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SaveError) as info:
+        model.save_pretrained(tmp_path / "file")
+    assert str(info.value) == f"cannot save to {tmp_path / 'file'}: it exists and is not a directory"
+
+
+def test_save_error_names_the_path_and_the_cause(tmp_path, monkeypatch):
+    import dsmoe.checkpoint as ckpt
+
+    model = DeepSeekMoEForCausalLM(tiny())
+    target = str(tmp_path / "out")
+
+    class SafetensorError(Exception):  # safetensors' error type is matched by name
+        pass
+
+    def fails_with(error):
+        def write(*args):
+            raise error
+        monkeypatch.setattr(ckpt, "_write_checkpoint", write)
+        with pytest.raises(ckpt.SaveError) as info:
+            model.save_pretrained(target)
+        assert not os.path.exists(target) and os.listdir(tmp_path) == []  # the staging folder is gone
+        return str(info.value)
+
+    assert fails_with(OSError(28, "No space left on device", "/some/file")) == (
+        f"cannot save the model to {target}: /some/file: No space left on device"
+    )
+    text = fails_with(OSError(28, "No space left on device"))  # no file name: the staging folder
+    staging = text.split(": ")[1]
+    assert text.startswith(f"cannot save the model to {target}: {tmp_path}/.out.saving-") and text.endswith(
+        ": No space left on device"
+    ) and os.path.dirname(staging) == str(tmp_path)
+    assert fails_with(SafetensorError("header too large\nmore detail")).endswith(": header too large")
+    assert fails_with(SafetensorError()).endswith(": SafetensorError")
+    monkeypatch.setattr(ckpt, "_write_checkpoint", lambda *a: (_ for _ in ()).throw(KeyError("not an I/O error")))
+    with pytest.raises(KeyError):
+        model.save_pretrained(target)  # other errors pass through unchanged
