@@ -74,14 +74,17 @@ class ByteTokenizer:
 
     def save(self, directory: Path) -> None:
         """tokenizer.json, and tokenizer_config.json naming the special tokens, so that
-        transformers' AutoTokenizer reads the directory as it is."""
-        self.to_tokenizers().save(str(Path(directory) / "tokenizer.json"))
+        transformers' AutoTokenizer reads the directory as it is. Each file is written
+        atomically (a previous one stays whole if writing fails)."""
+        from .fileio import write_bytes_atomic
+
+        write_bytes_atomic(Path(directory) / "tokenizer.json", self.to_tokenizers().to_str(pretty=True).encode("utf-8"))
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": SPECIAL_TOKENS[0], "eos_token": SPECIAL_TOKENS[1], "pad_token": SPECIAL_TOKENS[2],
             "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
         }
-        (Path(directory) / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        write_bytes_atomic(Path(directory) / "tokenizer_config.json", (json.dumps(config, indent=2) + "\n").encode("utf-8"))
 
 
 class StreamDecoder:

@@ -249,3 +249,20 @@ def test_a_byte_sized_vocabulary_with_the_byte_specials_is_not_enough(tmp_path):
     assert t.get_vocab_size() == BYTE_VOCAB_SIZE
     assert not _is_byte_tokenizer_json(tmp_path / "tokenizer.json")
     assert isinstance(dsmoe.load_tokenizer(tmp_path, vocab_size=BYTE_VOCAB_SIZE), HFTokenizer)
+
+
+def test_byte_tokenizer_save_is_atomic(tmp_path, monkeypatch):
+    import os
+
+    ByteTokenizer().save(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(before) == ["tokenizer.json", "tokenizer_config.json"]
+    assert json.loads(before["tokenizer.json"])["added_tokens"][0]["content"] == "<|bos|>"
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError, match="No space left"):
+        ByteTokenizer().save(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # whole, no temporaries
