@@ -258,6 +258,7 @@ def test_byte_tokenizer_save_is_atomic(tmp_path, monkeypatch):
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert sorted(before) == ["tokenizer.json", "tokenizer_config.json"]
     assert json.loads(before["tokenizer.json"])["added_tokens"][0]["content"] == "<|bos|>"
+    assert before["tokenizer.json"].startswith(b'{\n  "version": ')  # pretty-printed, as tokenizers saves it
 
     def full(*args):
         raise OSError(28, "No space left on device")
