@@ -150,3 +150,87 @@ def test_canonical_topk_orders_like_dsmoe():
     cidx, cw = reference.canonical_topk(idx, w)
     assert cidx.tolist() == [[1, 7, 4], [3, 0, 2]]
     assert torch.equal(cw, torch.tensor([[0.5, 0.2, 0.1], [0.4, 0.3, 0.3]]))
+
+
+# ---------------------------------------------------------------- the references themselves (mutation pass)
+
+
+def test_references_return_the_ops_index_dtypes():
+    logits = torch.randn(5, 6)
+    w, ids, counts, sums = reference.gate(logits, 2)
+    assert ids.dtype == torch.int32 and counts.dtype == torch.int32
+    x_perm, row_map, offsets = reference.permute(torch.randn(5, 4), ids, 6)
+    assert row_map.dtype == torch.int32 and offsets.dtype == torch.int32
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_reference_grouped_gemm_without_experts(trans_b):
+    # E = 0: no groups, an empty [0, N] result in a's dtype
+    a = torch.zeros(0, 4, dtype=torch.bfloat16)
+    b = torch.zeros(0, 7, 4) if trans_b else torch.zeros(0, 4, 7)
+    c = reference.grouped_gemm(a, b, torch.zeros(1, dtype=torch.int32), trans_b=trans_b)
+    assert c.shape == (0, 7) and c.dtype == torch.bfloat16
+
+
+def _within_half_ulp(result: torch.Tensor, exact: torch.Tensor) -> bool:
+    # rounded once from an exact value: at most half a unit in the last place of the bf16 result
+    ulp = torch.finfo(torch.bfloat16).eps * exact.abs().clamp_min(torch.finfo(torch.bfloat16).tiny)
+    return bool(((result.double() - exact).abs() <= 0.5 * ulp * (1 + 1e-3) + 1e-30).all())
+
+
+def test_reference_unpermute_and_swiglu_accumulate_in_fp32_and_round_once():
+    torch.manual_seed(0)
+    T, k, h = 64, 6, 48
+    ids = torch.stack([torch.randperm(8)[:k] for _ in range(T)])
+    weights = torch.rand(T, k).to(torch.bfloat16)
+    y_perm = torch.randn(T * k, h).to(torch.bfloat16)
+    _, row_map, _ = reference.permute(torch.zeros(T, 1), ids, 8)
+    exact = (y_perm.double()[row_map.long()].view(T, k, h) * weights.double().unsqueeze(-1)).sum(1)
+    assert _within_half_ulp(reference.unpermute(y_perm, row_map, weights), exact)
+    gate_up = (3 * torch.randn(256, 64)).to(torch.bfloat16)
+    g, u = gate_up.double().chunk(2, dim=-1)
+    assert _within_half_ulp(reference.swiglu(gate_up), F.silu(g) * u)
+
+
+def test_reference_expert_mlp_splits_gate_up_by_rows():
+    torch.manual_seed(0)
+    I, h = 3, 5  # 2I != h: the split must be along the 2I rows
+    x, w_gate_up, w_down = torch.randn(4, h, dtype=torch.float64), torch.randn(2 * I, h, dtype=torch.float64), torch.randn(h, I, dtype=torch.float64)
+    expected = (F.silu(x @ w_gate_up[:I].T) * (x @ w_gate_up[I:].T)) @ w_down.T
+    torch.testing.assert_close(reference.expert_mlp(x, w_gate_up, w_down), expected)
+
+
+def test_add_auxiliary_loss_with_a_loss_that_needs_no_gradient():
+    x = torch.randn(3, requires_grad=True)
+    for loss in (torch.tensor(0.5), torch.tensor(0.5, dtype=torch.float64, requires_grad=True)):
+        out = reference.AddAuxiliaryLoss.apply(x, loss)
+        assert torch.equal(out, x)
+        out.sum().backward()
+        assert torch.equal(x.grad, torch.ones(3))
+        x.grad = None
+        if loss.requires_grad:
+            assert loss.grad.dtype == torch.float64 and float(loss.grad) == 1.0
+
+
+def test_reference_grouped_gemms_default_to_b_not_transposed():
+    torch.manual_seed(0)
+    offsets = torch.tensor([0, 2, 5], dtype=torch.int32)
+    a, b, grad_c = torch.randn(5, 3), torch.randn(2, 3, 4), torch.randn(5, 4)
+    expected = torch.cat([a[:2] @ b[0], a[2:] @ b[1]])
+    torch.testing.assert_close(reference.grouped_gemm(a, b, offsets), expected)
+    wgrad = reference.grouped_gemm_wgrad(a, grad_c, offsets)
+    torch.testing.assert_close(wgrad, torch.stack([a[:2].T @ grad_c[:2], a[2:].T @ grad_c[2:]]))
+
+
+def test_seed_gate_token_level_loss_when_the_last_expert_is_never_chosen():
+    # Eq. 12-14 with an expert nobody picks: its f_i is 0, and the vectors keep all E entries
+    torch.manual_seed(0)
+    B, L, h, E, k, alpha = 2, 5, 8, 4, 2, 0.01
+    hidden = torch.rand(B, L, h, dtype=torch.float64) + 0.1
+    gate_weight = torch.randn(E, h, dtype=torch.float64)
+    gate_weight[-1] = -10.0  # logits of about -40: never in the top 2
+    ids, _, aux = reference.moe_gate(hidden, gate_weight, k, False, alpha, seq_aux=False, training=True)
+    assert int(ids.max()) < E - 1
+    scores = (hidden.view(-1, h) @ gate_weight.T).softmax(-1)
+    f = torch.bincount(ids.view(-1), minlength=E).double() * E / (B * L * k)
+    torch.testing.assert_close(aux, alpha * (f * scores.mean(0)).sum())

@@ -42,6 +42,8 @@ else
     checkpoint) tests=(tests/test_checkpoint.py) ;;
     fileio) tests=(tests/test_fileio.py) ;;
     tokenizer) tests=(tests/test_tokenizer.py) ;;
+    # the plain-PyTorch oracle: the ops tests compare the kernels with it, test_ops_reference it with the seeds
+    reference) tests=(tests/test_ops_reference.py tests/test_ops_gate.py tests/test_ops_gemm.py tests/test_ops_permute.py tests/test_model.py tests/test_losses_formulas.py) ;;
     *) echo "no default tests for $mod: pass pytest arguments" >&2; exit 2 ;;
   esac
   # where generate's warning points cannot be checked under mutmut: its trampolines add frames
