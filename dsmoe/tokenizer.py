@@ -16,6 +16,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from .fileio import write_bytes_atomic
+
 
 class TokenizerError(ValueError):
     """A tokenizer file that cannot be used (names the file and why)."""
@@ -76,8 +78,6 @@ class ByteTokenizer:
         """tokenizer.json, and tokenizer_config.json naming the special tokens, so that
         transformers' AutoTokenizer reads the directory as it is. Each file is written
         atomically (a previous one stays whole if writing fails)."""
-        from .fileio import write_bytes_atomic
-
         write_bytes_atomic(Path(directory) / "tokenizer.json", self.to_tokenizers().to_str(pretty=True).encode("utf-8"))
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",

@@ -13,6 +13,10 @@ from dsmoe import fileio
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names descriptors through /proc/self/fd")
 
 
+def disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
 def open_fds() -> set:
     return set(os.listdir("/proc/self/fd"))
 
@@ -60,10 +64,7 @@ def test_write_bytes_atomic_failure_keeps_the_old_file_and_removes_the_temporary
     target = tmp_path / "weights.bin"
     target.write_bytes(b"last good")
 
-    def broken(*args):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, fail_at, broken)
+    monkeypatch.setattr(os, fail_at, disk_full)
     before = open_fds()
     with pytest.raises(OSError, match="No space left"):
         fileio.write_bytes_atomic(target, b"x" * 1000)
@@ -124,10 +125,7 @@ def test_fsync_dir_where_folders_cannot_be_synced(tmp_path, monkeypatch):
 
 def test_write_bytes_atomic_failure_before_the_temporary_exists_raises_that_failure(tmp_path, monkeypatch):
     # the cleanup must not replace the real error (a full disk) with "no such temporary"
-    def full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(fileio, "open", full, raising=False)
+    monkeypatch.setattr(fileio, "open", disk_full, raising=False)
     with pytest.raises(OSError) as info:
         fileio.write_bytes_atomic(tmp_path / "a", b"data")
     assert info.value.errno == 28 and list(tmp_path.iterdir()) == []

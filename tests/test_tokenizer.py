@@ -20,11 +20,7 @@ def test_load_tokenizer_reads_vocab_and_specials_from_config(tmp_path):
 
 
 def test_load_tokenizer_foreign_tokenizer_json(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    t = Tokenizer(models.WordLevel(vocab={"[UNK]": 0, "hello": 1, "world": 2, "</s>": 3}, unk_token="[UNK]"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    t.save(str(tmp_path / "tokenizer.json"))
+    word_level_json(tmp_path / "tokenizer.json", specials=())
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 8, "bos_token_id": None, "eos_token_id": 3}))
     tok = dsmoe.load_tokenizer(tmp_path)
     assert isinstance(tok, HFTokenizer) and tok.eos_id == 3 and tok.encode("hello world") == [1, 2]
