@@ -11,6 +11,7 @@ S sequences (T = S*L). A typical MoE layer::
 """
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -124,18 +125,26 @@ def moe_decode(
 # torch.compile traces.
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_DTYPE_NAMES = {
-    torch.float32: "Float",
-    torch.bfloat16: "BFloat16",
-    torch.float16: "Half",
-    torch.float64: "Double",
-    torch.int32: "Int",
-    torch.int64: "Long",
-    torch.int16: "Short",
-    torch.int8: "Char",
-    torch.uint8: "Byte",
-    torch.bool: "Bool",
-}
+
+
+def _c10_dtype_names() -> dict:
+    """Every torch dtype -> c10's name for it, as the C++ checks print it (Float, BFloat16,
+    ComplexFloat, Float8_e4m3fn, UInt16, ...): a CPU tensor's legacy type string is
+    'torch.<name>Tensor' ('torch.quantized.<name>Tensor'). Made once, at import (never under a fake or tracing mode)."""
+    names = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ComplexHalf is "experimental", the quantized dtypes deprecated
+        for attr in dir(torch):
+            d = getattr(torch, attr)
+            if isinstance(d, torch.dtype) and d not in names:
+                try:
+                    names[d] = torch.empty(0, dtype=d).type().removesuffix("Tensor").rsplit(".", 1)[-1]
+                except (RuntimeError, TypeError, NotImplementedError):
+                    pass
+    return names
+
+
+_DTYPE_NAMES = _c10_dtype_names()
 
 
 def _dtype_name(d: torch.dtype) -> str:
@@ -438,6 +447,9 @@ def _check_packed_meta(op, gu_name, gu, down_name, down, x) -> None:
     _check_size(op, down_name, down, 1, (h + 7) // 8, "ceil(hidden / 8)")
     _check_size(op, down_name, down, 2, gu.shape[1] * 8, "8 * packed gate_up.size(1)")
     _check_size(op, down_name, down, 3, 8, "the packed block width (pack_decode_weights)")
+    torch._check(
+        gu.shape[1] >= 1, lambda: f"dsmoe.{op}: {gu_name} must have intermediate >= 1, got shape {_shape(gu)}"
+    )
 
 
 @torch.library.register_fake("dsmoe::moe_decode")
@@ -477,13 +489,9 @@ def _gate_setup(ctx, inputs, output):
 
 
 def _gate_backward(ctx, grad_weights, grad_ids, grad_counts, grad_sums):
+    # autograd hands zeros for an output the loss does not use (grads are materialized, eagerly
+    # and under torch.compile), never None
     logits, expert_ids = ctx.saved_tensors
-    T, E = logits.shape
-    acc = _acc_dtype(logits)
-    if grad_weights is None:
-        grad_weights = logits.new_zeros((T, expert_ids.shape[1]), dtype=acc)
-    if grad_sums is None:
-        grad_sums = logits.new_zeros((ctx.num_seqs, E), dtype=acc)
     grad_logits = _ops.gate_backward(grad_weights, grad_sums, logits, expert_ids, ctx.normalize, ctx.num_seqs)
     return grad_logits, None, None, None, None
 
@@ -542,16 +550,13 @@ torch.library.register_autograd("dsmoe::swiglu", _swiglu_backward, setup_context
 
 
 def _inference_only(op: str):
-    def setup_context(ctx, inputs, output):
+    def refuse(*_, **__):  # as setup_context: a call with inputs that require grad never gets a backward
         raise RuntimeError(
             f"dsmoe.{op} is inference-only (no gradient); run it under torch.no_grad() or with inputs "
             "that do not require grad, or use the differentiable ops (permute, grouped_gemm, swiglu, unpermute)"
         )
 
-    def backward(ctx, *grads):  # never reached: setup_context refuses
-        raise RuntimeError(f"dsmoe.{op} is inference-only")
-
-    torch.library.register_autograd(f"dsmoe::{op}", backward, setup_context=setup_context)
+    torch.library.register_autograd(f"dsmoe::{op}", refuse, setup_context=refuse)
 
 
 _inference_only("pack_decode_weights")

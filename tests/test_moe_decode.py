@@ -362,10 +362,15 @@ def test_torch_compile():
 def test_inference_only():
     x, w, ids, wgu, wd, _ = make_problem(2, 16, 8, 4, 2, torch.float32)
     packed = ops.pack_decode_weights(wgu, wd)
-    with pytest.raises(RuntimeError, match="inference-only"):
-        ops.moe_decode(x.requires_grad_(), w, ids, packed)
-    with pytest.raises(RuntimeError, match="inference-only"):
-        ops.pack_decode_weights(wgu.requires_grad_(), wd)
+    for op, call in (("moe_decode", lambda: ops.moe_decode(x.requires_grad_(), w, ids, packed)),
+                     ("pack_decode_weights", lambda: ops.pack_decode_weights(wgu.requires_grad_(), wd))):
+        with pytest.raises(RuntimeError) as e:
+            call()
+        assert str(e.value) == (
+            f"dsmoe.{op} is inference-only (no gradient); run it under torch.no_grad() or with inputs that do "
+            "not require grad, or use the differentiable ops (permute, grouped_gemm, swiglu, unpermute)")
+    with torch.no_grad():  # the way it is meant to run
+        assert ops.moe_decode(x, w, ids, ops.pack_decode_weights(wgu, wd)).shape == x.shape
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])

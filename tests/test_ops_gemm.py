@@ -78,6 +78,20 @@ def test_grouped_gemm_wgrad(device, groups, dtype, trans_b):
     assert_close(out, reference.grouped_gemm_wgrad(a, grad_c, off, trans_b), dtype, scale=scale)
 
 
+def test_grouped_gemm_trans_b_defaults_to_false(device):
+    """Without trans_b both ops take and give the [E, K, N] layout (written out per expert)."""
+    counts, K, N = [3, 0, 2], 4, 5
+    a = torch.randn(5, K, dtype=torch.float64, device=device)
+    b = torch.randn(3, K, N, dtype=torch.float64, device=device)
+    g = torch.randn(5, N, dtype=torch.float64, device=device)
+    off = offsets_from_counts(counts, device)
+    rows = [slice(0, 3), slice(3, 3), slice(3, 5)]
+    want_c = torch.cat([a[r] @ b[e] for e, r in enumerate(rows)])
+    want_w = torch.stack([a[r].T @ g[r] for r in rows])
+    torch.testing.assert_close(ops.grouped_gemm(a, b, off), want_c)
+    torch.testing.assert_close(ops.grouped_gemm_wgrad(a, g, off), want_w)
+
+
 def test_grouped_gemm_many_groups_threads(device):
     # Many small groups take the CPU's split-groups-over-threads path; compare it too.
     counts = [int(c) for c in torch.randint(0, 9, (63,))]

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
+import dsmoe.ops  # noqa: F401  (registers torch.ops.dsmoe: the samples below are built at import)
 from conftest import offsets_from_counts, routing
 
 OPS = torch.ops.dsmoe

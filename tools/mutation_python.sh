@@ -17,9 +17,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python}
-mod=${1:?usage: tools/mutation_python.sh MODULE [pytest args...]  (MODULE: losses, layers, config, ...)}
+mod=${1:?usage: tools/mutation_python.sh MODULE [pytest args...]  (MODULE: losses, layers, hf/modeling, ...)}
 shift
-src=dsmoe/$mod.py
+src=dsmoe/$mod.py   # a module of a subpackage by its path: hf/modeling
 [ -f "$src" ] || { echo "no such module: $src" >&2; exit 2; }
 "$PY" -c "import mutmut" 2>/dev/null || { echo "mutmut is not installed: pip install mutmut==3.8.1" >&2; exit 2; }
 
@@ -38,7 +38,20 @@ else
              deselect=(tests/test_moe_decode.py::test_opcheck) ;;
     decode) tests=(tests/test_moe_decode.py) ;;
     generation) tests=(tests/test_generation.py tests/test_model.py tests/test_mutation_kills.py) ;;
-    ops) tests=(tests/test_ops_gate.py tests/test_ops_permute.py tests/test_ops_gemm.py tests/test_ops_reference.py) ;;
+    # opcheck, the fake-vs-CPU parity and compile run the fake kernels (meta shapes, the checks)
+    # (fullgraph compiles cannot trace mutmut's trampolines: those two run outside it)
+    ops) tests=(tests/test_ops_gate.py tests/test_ops_permute.py tests/test_ops_gemm.py tests/test_ops_reference.py
+                tests/test_ops_opcheck.py tests/test_ops_fake_parity.py tests/test_ops_compile.py tests/test_moe_decode.py
+                tests/test_mutation_kills.py)
+         deselect=("tests/test_ops_compile.py::test_compile_fullgraph_matches_eager" tests/test_moe_decode.py::test_torch_compile) ;;
+    # (the import checks run in subprocesses, ~8 s each; the compiled training step cannot trace
+    # mutmut's trampolines)
+    hf/modeling) tests=(tests/test_hf_model.py)
+                 deselect=(tests/test_hf_model.py::test_import_dsmoe_without_transformers_and_lazily_with_it) ;;
+    hf/experts) tests=(tests/test_hf_experts.py)
+                deselect=(tests/test_hf_experts.py::test_compile_fullgraph_training_step
+                          tests/test_hf_experts.py::test_import_dsmoe_without_transformers) ;;
+    analysis) tests=(tests/test_analysis.py) ;;
     checkpoint) tests=(tests/test_checkpoint.py) ;;
     fileio) tests=(tests/test_fileio.py) ;;
     tokenizer) tests=(tests/test_tokenizer.py) ;;
@@ -53,7 +66,7 @@ else
   fi
 fi
 
-work=build/mutation/$mod
+work=build/mutation/${mod//\//_}
 if [ "${RESUME:-0}" = 1 ] && [ -d "$work/mutants" ]; then
   # mutmut keeps each mutant's result in mutants/dsmoe/<module>.py.meta and regenerates the
   # mutants of a changed function; the other modules, the extension and the tests are copied anew
@@ -66,27 +79,32 @@ else
   mkdir -p "$work"
   cp -a dsmoe tests pyproject.toml "$work"/
 fi
-# mutmut 3 leaves decorated functions alone; @torch.no_grad() ones (generate, init_weights, ...)
-# are applied after the definition instead, so their bodies get mutants too
+# mutmut 3 leaves decorated functions alone. The decorators that only register or wrap the
+# function (@torch.no_grad(): generate, init_weights, ...; @torch.library.register_fake: the ops'
+# fake kernels; @contextlib.contextmanager) are applied after the definitions instead, so their
+# bodies get mutants too. A stacked decorator is left as it is: moving one would reorder them.
 "$PY" - "$work/dsmoe/$mod.py" <<'PYEOF'
 import re, sys
 path = sys.argv[1]
 lines = open(path, encoding="utf-8").read().split("\n")
+applied_later = re.compile(r"(\s*)@(torch\.no_grad\(\)|torch\.library\.register_fake\(.*\)|contextlib\.contextmanager)\s*")
 out, wraps, cls = [], [], None
 for i, line in enumerate(lines):
     match = re.match(r"class (\w+)", line)
     if match:
         cls = match.group(1)
     nxt = lines[i + 1] if i + 1 < len(lines) else ""
-    deco = re.fullmatch(r"(\s*)@torch\.no_grad\(\)\s*", line)
+    prev = lines[i - 1] if i else ""
+    deco = applied_later.fullmatch(line)
     func = re.match(r"(\s*)def (\w+)\(", nxt)
-    if deco and func and func.group(1) == deco.group(1) and len(deco.group(1)) in (0, 4):
+    stacked = prev.strip().startswith("@")
+    if deco and func and not stacked and func.group(1) == deco.group(1) and len(deco.group(1)) in (0, 4):
         name = func.group(2) if not deco.group(1) else f"{cls}.{func.group(2)}"
-        wraps.append(f"{name} = torch.no_grad()({name})")
+        wraps.append(f"{name} = {deco.group(2)}({name})")
         continue
     out.append(line)
 if wraps:
-    out += ["", "# tools/mutation_python.sh: the @torch.no_grad() decorators, applied here"] + wraps + [""]
+    out += ["", "# tools/mutation_python.sh: the decorators, applied here"] + wraps + [""]
 open(path, "w", encoding="utf-8").write("\n".join(out))
 PYEOF
 # pyproject.toml carries no [tool.mutmut], so mutmut reads setup.cfg
