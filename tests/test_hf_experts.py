@@ -373,6 +373,99 @@ def test_non_gated_and_other_layouts_refused():
         model(torch.zeros(1, 3, dtype=torch.long))
 
 
+_USE_ANOTHER = '. Use another experts_implementation (e.g. "grouped_mm") for this model.'
+
+
+def _refusal(module):
+    with pytest.raises(ValueError) as e:
+        dsmoe.hf.check_experts_module(module)
+    return str(e.value)
+
+
+def test_refusal_names_every_missing_feature_in_full():
+    """One module with every feature dsmoe does not compute: the message names the family and
+    each feature, in order, in full."""
+    module = experts_modules(build("mixtral"))[0]
+    module.has_bias, module.has_gate, module.is_concatenated, module.has_post_expert_norm = True, False, False, True
+    module.__class__ = type("ClampedExperts", (type(module),), {"_apply_gate": lambda self, gate_up: gate_up})
+    assert _refusal(module) == (
+        'experts_implementation="dsmoe" does not support mixtral (model_type \'mixtral\', ClampedExperts): it needs '
+        "expert biases (has_bias=True; dsmoe's grouped_gemm has no bias input); "
+        "non-gated experts (has_gate=False; dsmoe computes SwiGLU experts); "
+        "interleaved gate/up columns (is_concatenated=False; dsmoe's swiglu takes [gate | up]); "
+        "a norm after each expert (has_post_expert_norm=True); "
+        "a custom gate activation (ClampedExperts._apply_gate, e.g. GPT-OSS's clamped SwiGLU with alpha and up + 1; "
+        "dsmoe computes silu(gate) * up)" + _USE_ANOTHER
+    )
+
+
+def test_refusal_of_weights_and_activation_in_full():
+    """A module without a config (an unknown family), activation or stacked weights; then
+    weights of a dtype the GEMMs do not take, and an expert count the weights disagree with."""
+    module = experts_modules(build("qwen3_moe"))[0]
+    del module.config, module.act_fn, module.gate_up_proj
+    module.down_proj = torch.nn.Parameter(torch.zeros(8, 64))  # 2-D
+    assert _refusal(module) == (
+        'experts_implementation="dsmoe" does not support unknown (model_type \'unknown\', Qwen3MoeExperts): it needs '
+        "the activation NoneType (dsmoe computes silu(gate) * up); "
+        "gate_up_proj as a stacked [num_experts, ., .] tensor (got NoneType); "
+        "down_proj as a stacked [num_experts, ., .] tensor (got Parameter)" + _USE_ANOTHER
+    )
+    module = experts_modules(build("qwen3_moe"))[0]
+    module.gate_up_proj = torch.nn.Parameter(torch.zeros(8, 64, 64, dtype=torch.int8), requires_grad=False)
+    module.num_experts = 6
+    assert _refusal(module) == (
+        'experts_implementation="dsmoe" does not support qwen3_moe (model_type \'qwen3_moe\', Qwen3MoeExperts): it '
+        "needs gate_up_proj of dtype torch.int8 (dsmoe's GEMMs take fp32/bf16/fp16/fp64 weights); "
+        "num_experts=6 equal to the experts in gate_up_proj (8)" + _USE_ANOTHER
+    )
+
+
+def test_a_flag_transformers_does_not_set_takes_its_default():
+    """An experts module missing the layout flags (a transformers version that does not set one)
+    is read with use_experts_implementation's defaults: concatenated, gated, no bias, no post
+    norm; without num_experts nothing is compared."""
+    module = experts_modules(build("mixtral"))[0]
+    for flag in ("has_bias", "has_gate", "is_concatenated", "has_post_expert_norm", "num_experts"):
+        delattr(module, flag)
+        assert dsmoe.hf.experts.unsupported_features(module) == [], flag
+
+
+def test_check_model_looks_only_at_registry_experts_modules():
+    """Modules that merely share one of the experts modules' attribute names are not experts
+    modules: check_model skips them (they would all be refused: no weights)."""
+    model = build("qwen3_moe")
+
+    class GateOnly(torch.nn.Module):
+        _apply_gate = staticmethod(lambda x: x)
+
+    class ConcatenatedOnly(torch.nn.Module):
+        is_concatenated = True
+
+    class NoGate(torch.nn.Module):
+        is_concatenated, _is_expert_parallel = True, False
+
+    model.extra = torch.nn.ModuleList([GateOnly(), ConcatenatedOnly(), NoGate()])
+    dsmoe.hf.experts.check_model(model)
+    experts_modules(model)[0].has_bias = True  # the real experts modules are still checked
+    with pytest.raises(ValueError, match="expert biases"):
+        dsmoe.hf.experts.check_model(model)
+
+
+def test_hidden_states_in_another_dtype_run_in_the_weights_dtype():
+    """As transformers' grouped_mm: without autocast, bf16 hidden states into fp32 experts run
+    the GEMMs in fp32, and the output comes back in bf16."""
+    module = experts_modules(build("qwen3_moe", seed=14))[0]
+    gen = torch.Generator().manual_seed(15)
+    x = torch.randn(16, 64, generator=gen).to(torch.bfloat16)
+    ids, weights = _routing(16, 2, 8, "uniform", torch.float32, gen)
+    with torch.no_grad():
+        y = dsmoe_experts_forward(module, x, ids, weights)
+    assert y.dtype == torch.bfloat16
+    want = _oracle(module, x, ids, weights)  # fp64 from the same bf16 inputs
+    torch.testing.assert_close(y, want.to(torch.bfloat16), rtol=1.6e-2, atol=1e-3)
+
+
 def test_import_dsmoe_without_transformers():
     code = (
         "import sys; sys.modules['transformers'] = None\n"
