@@ -473,3 +473,197 @@ def test_config_validation_and_refusals():
     assert calls == []  # refused before the first forward
     with pytest.raises(ValueError, match="needs 129 positions"):
         model(torch.randint(0, 256, (1, 129)))
+
+
+# ---------------------------------------------------------------- mutation-pass tests (dsmoe/hf/modeling.py)
+
+
+def _hf(**changes):
+    torch.manual_seed(0)
+    return DeepseekForCausalLM.from_dsmoe(DeepSeekMoEForCausalLM(tiny_config(**changes))).eval()
+
+
+def _message(fn) -> str:
+    with pytest.raises((ValueError, TypeError)) as e:
+        fn()
+    return str(e.value)
+
+
+def test_refusals_in_full():
+    model = _hf()
+    ids = torch.randint(0, 256, (1, 4))
+    embeds = model.get_input_embeddings()(ids)
+    one_of = "DeepseekForCausalLM.forward: pass exactly one of input_ids and inputs_embeds"
+    assert _message(lambda: model()) == one_of
+    assert _message(lambda: model(ids, inputs_embeds=embeds)) == one_of
+    assert _message(lambda: model(ids, output_attentions=True)) == (
+        "DeepseekForCausalLM: output_attentions is not supported (attention runs through "
+        "scaled_dot_product_attention, which returns no weights)")
+    cache = transformers.DynamicCache(config=model.config)
+    assert _message(lambda: model(ids, cache=cache, past_key_values=cache)) == (
+        "DeepseekForCausalLM.forward: pass the KV cache as cache or past_key_values, not both")
+    assert _message(lambda: model(torch.randint(0, 256, (1, 129)))) == (
+        "forward needs 129 positions but the model's max_position_embeddings is 128; "
+        "shorten the input (or the number of new tokens)")
+    assert _message(lambda: model.generate(torch.randint(0, 256, (1, 120)), max_new_tokens=20, do_sample=False,
+                                           pad_token_id=PAD)) == (
+        "generate (a prompt of 120 tokens, max_length=140) needs 140 positions but the model's "
+        "max_position_embeddings is 128; shorten the input (or the number of new tokens)")
+    assert _message(lambda: DeepseekConfig.from_dsmoe({"hidden_size": 8})) == (
+        "from_dsmoe: config must be a DeepSeekMoEConfig, got dict")
+
+
+def test_positions_past_the_limit_count_the_cache():
+    """120 cached positions and 10 new tokens need 130: refused at max_position_embeddings 128."""
+    model = _hf()
+    with torch.no_grad():
+        cache = _returned_cache(model(torch.randint(0, 256, (1, 120))))
+        assert cache.get_seq_length() == 120
+        with pytest.raises(ValueError, match="forward needs 130 positions"):
+            model(torch.randint(0, 256, (1, 10)), cache=cache)
+        # a static cache longer than the model's limit, positions given as generate gives them
+        static = transformers.StaticCache(config=model.config, max_cache_len=160)
+        model(torch.randint(0, 256, (1, 120)), cache=static, cache_position=torch.arange(120))
+        with pytest.raises(ValueError, match="forward needs 130 positions"):
+            model(torch.randint(0, 256, (1, 10)), cache=static, cache_position=torch.arange(120, 130))
+
+
+def _returned_cache(out):
+    return getattr(out, "cache", None) if hasattr(out, "cache") else out.past_key_values
+
+
+def test_config_defaults_decide_what_forward_returns():
+    """Unset arguments take the config's output_hidden_states, output_router_logits and
+    use_cache (a cache by default); gradient checkpointing drops the cache in training only."""
+    model = _hf()
+    model.config.output_hidden_states = model.config.output_router_logits = True
+    ids = torch.randint(0, 256, (2, 5))
+    with torch.no_grad():
+        out = model(ids)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    assert len(out.router_logits) == sum(layer.is_moe for layer in model.model.layers)
+    assert _returned_cache(out).get_seq_length() == 5
+    model.config.use_cache = False
+    with torch.no_grad():
+        assert _returned_cache(model(ids)) is None
+    model = _hf()
+    model.activation_checkpointing_enable()
+    with torch.no_grad():
+        assert _returned_cache(model(ids)).get_seq_length() == 5  # eval: the cache is kept
+    model.train()
+    assert _returned_cache(model(ids)) is None
+
+
+def test_inputs_embeds_and_position_ids_reach_the_backbone():
+    """inputs_embeds give the logits of the ids they embed, with and without a cache;
+    logits_to_keep (a count or indices) keeps those positions; explicit position_ids are the ones
+    the backbone uses (as dsmoe's own model given the same)."""
+    torch.manual_seed(0)
+    ours = DeepSeekMoEForCausalLM(tiny_config()).eval()
+    model = DeepseekForCausalLM.from_dsmoe(ours)
+    ids = torch.randint(0, 256, (2, 6))
+    positions = torch.arange(10, 16).expand(2, 6)
+    with torch.no_grad():
+        by_ids = model(ids).logits
+        embeds = model.get_input_embeddings()(ids)
+        torch.testing.assert_close(model(inputs_embeds=embeds).logits, by_ids, rtol=0, atol=0)
+        torch.testing.assert_close(model(inputs_embeds=embeds, use_cache=False).logits, by_ids, rtol=0, atol=0)
+        torch.testing.assert_close(model(ids, logits_to_keep=2).logits, by_ids[:, -2:], rtol=0, atol=0)
+        torch.testing.assert_close(model(ids, logits_to_keep=torch.tensor([1, 3])).logits, by_ids[:, [1, 3]], rtol=0, atol=0)
+        shifted = model(ids, position_ids=positions).logits
+        torch.testing.assert_close(shifted, ours(ids, position_ids=positions)["logits"], rtol=0, atol=0)
+        assert not torch.allclose(shifted, by_ids)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [dict(num_hidden_layers=3), dict(seq_aux=False), dict(use_selection_bias=True),
+     dict(aux_loss_alpha=0.0, device_aux_loss_alpha=0.05, num_expert_devices=2)],
+    ids=["two-moe-layers", "token-level", "selection-bias", "device-loss-only"],
+)
+def test_balance_loss_from_router_logits_is_the_layers_own(changes):
+    """Rebuilt from the router logits, the balance losses are what the MoE layers computed in
+    their training forward: summed over layers, per sequence or over the batch, routed with the
+    selection bias, the device-level loss alone."""
+    model = _hf(**changes).train()
+    for layer in model.model.layers:
+        if layer.is_moe and layer.mlp.gate.e_score_correction_bias is not None:
+            with torch.no_grad():
+                layer.mlp.gate.e_score_correction_bias.normal_(0, 0.5)
+    ids = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(1))
+    out = model(ids, output_router_logits=True)
+    assert out.aux_loss is not None and out.aux_loss.item() > 0
+    torch.testing.assert_close(model.balance_loss(out.router_logits, 3), out.aux_loss)
+
+
+def test_single_layer_model_generates_as_dsmoe():
+    """One decoder layer: the cache's mask sizes are read from its only layer."""
+    torch.manual_seed(0)
+    ours = DeepSeekMoEForCausalLM(tiny_config(num_hidden_layers=1, first_k_dense_replace=0)).eval()
+    model = DeepseekForCausalLM.from_dsmoe(ours)
+    ids = torch.randint(0, 256, (1, 5))
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=PAD)
+        want = ours.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    assert torch.equal(out, want)
+
+
+def test_config_round_trip_and_defaults():
+    """from_dsmoe carries every field and the keyword arguments given; num_key_value_heads
+    defaults to num_attention_heads (multi-head attention), as the released config."""
+    cfg = tiny_config(n_routed_experts=6, num_experts_per_tok=3, seq_aux=False, rope_theta=5e4)
+    hf_cfg = DeepseekConfig.from_dsmoe(cfg, output_router_logits=True)
+    assert hf_cfg.to_dsmoe() == cfg and hf_cfg.output_router_logits is True
+    assert DeepseekConfig(num_attention_heads=8, num_key_value_heads=None).num_key_value_heads == 8
+
+
+def test_init_weights_and_embedding_setters():
+    """A model built from a config is initialised as the released code does: normal(0,
+    initializer_range) weights; the embedding setters replace what the getters return."""
+    config = DeepseekConfig(vocab_size=300, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+                            n_shared_experts=1, first_k_dense_replace=1, initializer_range=0.5)
+    torch.manual_seed(0)
+    model = DeepseekForCausalLM(config)
+    for weight in (model.lm_head.weight, model.model.embed_tokens.weight):
+        assert abs(weight.float().std().item() - 0.5) < 0.02 and abs(weight.float().mean().item()) < 0.02
+    embed, head = torch.nn.Embedding(300, 64), torch.nn.Linear(64, 300, bias=False)
+    model.set_input_embeddings(embed)
+    model.set_output_embeddings(head)
+    assert model.get_input_embeddings() is embed and model.get_output_embeddings() is head
+    reference = DeepseekForCausalLM(config, moe_impl="reference")
+    assert {layer.mlp.impl for layer in reference.model.layers if layer.is_moe} == {"reference"}
+
+
+def test_training_loss_carries_the_balance_losses_and_transformers_loss_arguments():
+    """In training (no router logits asked for) aux_loss is the layers' balance losses and the
+    loss includes it, as dsmoe's model computes; without labels there is no loss; the loss
+    takes transformers' keyword arguments (num_items_in_batch: a sum over the tokens divided by
+    it, as gradient accumulation asks)."""
+    torch.manual_seed(0)
+    ours = DeepSeekMoEForCausalLM(tiny_config()).train()
+    model = DeepseekForCausalLM.from_dsmoe(ours)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+    out, ref = model(ids, labels=ids), ours(ids, labels=ids)
+    assert out.aux_loss is not None and out.aux_loss.item() > 0
+    torch.testing.assert_close(out.aux_loss, ref["aux_loss"])
+    torch.testing.assert_close(out.loss, ref["loss"].float())
+    model.eval()
+    with torch.no_grad():
+        assert model(ids).loss is None
+        logits = model(ids).logits
+        summed = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                   reduction="sum")
+        torch.testing.assert_close(model(ids, labels=ids, num_items_in_batch=5).loss, summed / 5)
+
+
+def test_auto_tokenizer_opens_a_directory_with_only_tokenizer_json(released, tmp_path):
+    """A checkpoint directory with tokenizer.json and no tokenizer_config.json naming a class
+    opens with AutoTokenizer (registered for the deepseek config)."""
+    import shutil
+
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(os.path.join(released[1], name), tmp_path / name)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert isinstance(tok, transformers.PreTrainedTokenizerFast)
+    assert tok("hi")["input_ids"][-2:] == AutoTokenizer.from_pretrained(released[1])("hi")["input_ids"][-2:]
