@@ -207,3 +207,117 @@ def test_bad_arguments_name_themselves():
     dense = DeepSeekMoEForCausalLM(DeepSeekMoEConfig(**BASE, intermediate_size=12))
     with pytest.raises(ValueError, match="no MoE layers"):
         analysis.top_expert_ablation(dense, _batches())
+
+
+# ------------------------------------------------------------------------------ mutation-pass tests
+
+
+def _msg(fn) -> str:
+    with pytest.raises(ValueError) as e:
+        fn()
+    return str(e.value)
+
+
+def test_model_size_of_a_dense_layer_two_shared_experts_a_noisy_router_and_a_tied_head():
+    # h 8, vocab 10; layer 0 dense (intermediate 24), layer 1 MoE: 2 shared + 4 routed experts of 6,
+    # top-2, a noisy router (a gate and a noise matrix), the head tied to the embedding
+    cfg = DeepSeekMoEConfig(**BASE, intermediate_size=24, moe_intermediate_size=6, n_routed_experts=4,
+                            n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=1,
+                            router_type="noisy_topk", tie_word_embeddings=True)
+    z = analysis.model_size(cfg, seq_len=1)
+    dense, expert, attn = 3 * 8 * 24, 3 * 8 * 6, 4 * 8 * 8
+    assert z["expert_total"] == dense + (2 + 4) * expert == 1440
+    assert z["expert_activated"] == dense + (2 + 2) * expert == 1152
+    assert z["router"] == 2 * 4 * 8
+    assert sum(p.numel() for p in DeepSeekMoEForCausalLM(cfg).parameters()) == z["total"]
+    # the tied head still multiplies: 2 x (attention + routers + activated experts + head) + attention scores
+    assert z["flops_per_token"] == 2 * (2 * attn + 64 + 1152 + 10 * 8) + 4 * 2 * 1 * 8
+    # a dense layer after a MoE layer (every other layer MoE) adds to the MoE layer's count
+    cfg = DeepSeekMoEConfig(**BASE, intermediate_size=24, moe_intermediate_size=6, n_routed_experts=4,
+                            n_shared_experts=None, num_experts_per_tok=2, moe_layer_freq=2)
+    z = analysis.model_size(cfg)
+    assert (z["expert_total"], z["expert_activated"]) == (4 * expert + dense, 2 * expert + dense)
+    assert "flops_per_token" not in z
+
+
+def test_t_table_edges_and_messages():
+    assert analysis.t_critical(1) == 12.706 and analysis.t_critical(30) == 2.042 and analysis.t_critical(31) == 1.96
+    assert _msg(lambda: analysis.t_critical(0)) == "t_critical: dof must be >= 1, got 0"
+    assert _msg(lambda: analysis.seed_summary([])) == "seed_summary: needs at least one value"
+    assert _msg(lambda: analysis.seed_summary([1.0, float("nan")])) == "seed_summary: values must be finite, got [1.0, nan]"
+    assert _msg(lambda: analysis.compare_seeds([], [1.0])) == "compare_seeds (a): needs at least one value"
+    assert _msg(lambda: analysis.compare_seeds([1.0], [float("inf")])) == "compare_seeds (b): values must be finite, got [inf]"
+
+
+def test_seed_statistics_in_full():
+    s = analysis.seed_summary([1.0, 4.0])
+    assert s == {"mean": 2.5, "std": pytest.approx(3 / math.sqrt(2)), "min": 1.0, "max": 4.0, "n": 2, "values": [1.0, 4.0]}
+    one = analysis.compare_seeds([1.0], [2.0])
+    assert one == {"gap": -1.0, "gap_std": 0.0, "stderr": None, "ci95": None, "seed_spread": 0.0, "n": 1,
+                   "verdict": "within noise", "per_seed": [-1.0]}
+    # two seeds: gaps 1 and 3 -> mean 2, std sqrt(2), stderr 1, t(1) = 12.706
+    two = analysis.compare_seeds([1.0, 5.0], [0.0, 2.0])
+    assert two == {"gap": 2.0, "gap_std": pytest.approx(math.sqrt(2)), "stderr": pytest.approx(1.0),
+                   "ci95": pytest.approx(12.706), "seed_spread": pytest.approx(math.sqrt((8 + 2) / 2)), "n": 2,
+                   "verdict": "within noise", "per_seed": [1.0, 3.0]}
+    # identical models: a zero gap with no spread is never "separated"
+    assert analysis.compare_seeds([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])["verdict"] == "within noise"
+
+
+def test_evaluate_one_batch_int64_loads_and_messages():
+    model = _one_layer_moe()
+    model.train()
+    loss, loads = analysis.evaluate(model, _batches(n=1))
+    assert loads[0].dtype == torch.int64 and loads[0].tolist() == [16, 0, 0, 0] and math.isfinite(loss)
+    assert model.training  # its mode is restored
+    assert _msg(lambda: analysis.evaluate(model, [])) == "evaluate: batches is empty"
+    dense = DeepSeekMoEForCausalLM(DeepSeekMoEConfig(**BASE, intermediate_size=12))
+    assert _msg(lambda: analysis.limit_activated_experts(dense, 1).__enter__()) == "the model has no MoE layers"
+
+
+def test_disabling_takes_the_highest_probability_experts_and_keeps_the_gate_values():
+    """With distinct logits, the disabled experts are each token's highest; the chosen ones keep
+    their probability from the softmax over all experts (the paper's g_i), per sequence stats."""
+    model = _one_layer_moe(num_experts=6, top_k=2)
+    gate = model.moe_layers()[0].gate
+    with torch.no_grad():
+        gate.weight.normal_(0, 1.0)
+    x = torch.randn(8, 8)
+    logits = x @ gate.weight.T
+    probs = logits.softmax(-1)
+    order = logits.argsort(-1, descending=True)
+    assert _msg(lambda: analysis.disable_top_experts(model, 5).__enter__()) == (
+        "disable_top_experts: cannot disable 5 of 6 routed experts with top-2 routing (at most 4)")
+    for bad in (True, -1, 1.0):
+        assert "num_disabled must be an integer >= 0" in _msg(lambda: analysis.disable_top_experts(model, bad).__enter__())
+    with analysis.disable_top_experts(model, 0):
+        assert gate.forward.__func__ is type(gate).forward  # nothing patched
+    with analysis.disable_top_experts(model, 2):
+        route = gate(x, num_seqs=2)
+    chosen = route.expert_ids.long()
+    assert torch.equal(chosen.sort(-1).values, order[:, 2:4].sort(-1).values)
+    torch.testing.assert_close(route.weights, probs.gather(-1, chosen), rtol=1e-5, atol=1e-6)
+    assert route.tokens_per_expert.shape == (2, 6)
+
+
+def test_limit_activated_experts_edges():
+    model = _one_layer_moe(num_experts=4, top_k=3, norm=True)
+    gate = model.moe_layers()[0].gate
+    for bad in (0, True):
+        assert _msg(lambda: analysis.limit_activated_experts(model, bad).__enter__()) == (
+            f"limit_activated_experts: top_k must be an integer >= 1, got {bad!r}")
+    with analysis.limit_activated_experts(model, 2):
+        assert gate.top_k == 2 and gate.normalize is True  # renormalising two weights still means something
+    with analysis.limit_activated_experts(model, 4):  # every routed expert
+        assert gate.top_k == 4
+    assert analysis.disabled_counts(4, 2, [0.5, 0.75]) == [(0.5, 2)]  # 2 left is enough, 1 is not
+
+
+def test_top_expert_ablation_passes_renormalize():
+    model = _one_layer_moe(num_experts=4, top_k=1)
+    batches = _batches()
+    plain = analysis.top_expert_ablation(model, batches, ratios=(0.25,))
+    renorm = analysis.top_expert_ablation(model, batches, ratios=(0.25,), renormalize=True)
+    with analysis.disable_top_experts(model, 1, renormalize=True):
+        want, _ = analysis.evaluate(model, batches)
+    assert renorm[0]["loss"] == pytest.approx(want) and renorm[0]["loss"] != pytest.approx(plain[0]["loss"])
