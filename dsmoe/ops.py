@@ -130,7 +130,8 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 def _c10_dtype_names() -> dict:
     """Every torch dtype -> c10's name for it, as the C++ checks print it (Float, BFloat16,
     ComplexFloat, Float8_e4m3fn, UInt16, ...): a CPU tensor's legacy type string is
-    'torch.<name>Tensor' ('torch.quantized.<name>Tensor'). Made once, at import (never under a fake or tracing mode)."""
+    'torch.<name>Tensor' ('torch.quantized.<name>Tensor'). Made once, at import (never under a
+    fake or tracing mode)."""
     names = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ComplexHalf is "experimental", the quantized dtypes deprecated

@@ -242,8 +242,7 @@ def test_forward_takes_the_cache_by_either_name(hf_model):
         for name in ("cache", "past_key_values"):
             cache = DynamicCache(config=hf_model.config)
             first = hf_model(ids[:, :4], use_cache=True, **{name: cache})
-            returned = first["cache"] if "cache" in first.__dataclass_fields__ else first["past_key_values"]
-            assert returned is cache and cache.get_seq_length() == 4
+            assert _returned_cache(first) is cache and cache.get_seq_length() == 4
             rest = hf_model(ids[:, 4:], use_cache=True, **{name: cache}).logits
             torch.testing.assert_close(rest, full, rtol=1e-4, atol=1e-4, msg=name)
         with pytest.raises(ValueError, match="cache or past_key_values, not both"):
@@ -479,8 +478,12 @@ def test_config_validation_and_refusals():
 
 
 def _hf(**changes):
-    torch.manual_seed(0)
-    return DeepseekForCausalLM.from_dsmoe(DeepSeekMoEForCausalLM(tiny_config(**changes))).eval()
+    return DeepseekForCausalLM.from_dsmoe(dsmoe_model(**changes))
+
+
+def _returned_cache(out):
+    """The cache an output carries, under the installed transformers' field name."""
+    return getattr(out, "cache" if "cache" in out.__dataclass_fields__ else "past_key_values")
 
 
 def _message(fn) -> str:
@@ -528,10 +531,6 @@ def test_positions_past_the_limit_count_the_cache():
             model(torch.randint(0, 256, (1, 10)), cache=static, cache_position=torch.arange(120, 130))
 
 
-def _returned_cache(out):
-    return getattr(out, "cache", None) if hasattr(out, "cache") else out.past_key_values
-
-
 def test_config_defaults_decide_what_forward_returns():
     """Unset arguments take the config's output_hidden_states, output_router_logits and
     use_cache (a cache by default); gradient checkpointing drops the cache in training only."""
@@ -558,8 +557,7 @@ def test_inputs_embeds_and_position_ids_reach_the_backbone():
     """inputs_embeds give the logits of the ids they embed, with and without a cache;
     logits_to_keep (a count or indices) keeps those positions; explicit position_ids are the ones
     the backbone uses (as dsmoe's own model given the same)."""
-    torch.manual_seed(0)
-    ours = DeepSeekMoEForCausalLM(tiny_config()).eval()
+    ours = dsmoe_model()
     model = DeepseekForCausalLM.from_dsmoe(ours)
     ids = torch.randint(0, 256, (2, 6))
     positions = torch.arange(10, 16).expand(2, 6)
@@ -598,8 +596,7 @@ def test_balance_loss_from_router_logits_is_the_layers_own(changes):
 
 def test_single_layer_model_generates_as_dsmoe():
     """One decoder layer: the cache's mask sizes are read from its only layer."""
-    torch.manual_seed(0)
-    ours = DeepSeekMoEForCausalLM(tiny_config(num_hidden_layers=1, first_k_dense_replace=0)).eval()
+    ours = dsmoe_model(num_hidden_layers=1, first_k_dense_replace=0)
     model = DeepseekForCausalLM.from_dsmoe(ours)
     ids = torch.randint(0, 256, (1, 5))
     with torch.no_grad():
@@ -640,8 +637,7 @@ def test_training_loss_carries_the_balance_losses_and_transformers_loss_argument
     loss includes it, as dsmoe's model computes; without labels there is no loss; the loss
     takes transformers' keyword arguments (num_items_in_batch: a sum over the tokens divided by
     it, as gradient accumulation asks)."""
-    torch.manual_seed(0)
-    ours = DeepSeekMoEForCausalLM(tiny_config()).train()
+    ours = dsmoe_model().train()
     model = DeepseekForCausalLM.from_dsmoe(ours)
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
     out, ref = model(ids, labels=ids), ours(ids, labels=ids)
