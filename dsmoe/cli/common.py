@@ -133,11 +133,12 @@ def remove_outputs(path: Path, patterns: Iterable[str]) -> list[str]:
     removed = []
     for pattern in patterns:
         for p in sorted(path.glob(pattern)):
-            if p.is_dir() and not p.is_symlink():
+            tree = p.is_dir() and not p.is_symlink()  # asked before removing: afterwards nothing is a dir
+            if tree:
                 shutil.rmtree(p)
             else:
                 p.unlink()
-            removed.append(p.name + ("/" if p.is_dir() else ""))
+            removed.append(p.name + ("/" if tree else ""))
     return removed
 
 
