@@ -292,13 +292,15 @@ def load_training_state(ckpt: Path) -> tuple[dict, dict, dict[str, torch.Tensor]
     for key in ("step", "args", "optimizer", "param_names"):
         if key not in state:
             raise CLIError(f"checkpoint {ckpt}: {TRAINER_STATE} lacks {key!r}")
-    try:
-        opt_tensors = load_file(str(ckpt / OPTIMIZER_FILE))
-        rng = load_file(str(ckpt / RNG_FILE))
-    except FileNotFoundError as e:
-        raise CLIError(f"checkpoint {ckpt}: missing {Path(e.filename).name if e.filename else 'file'}") from None
-    except (SafetensorError, OSError) as e:
-        raise CLIError(f"checkpoint {ckpt}: unreadable optimizer/RNG state ({e})") from None
+    tensors = {}
+    for name in (OPTIMIZER_FILE, RNG_FILE):  # one at a time: safetensors' FileNotFoundError has no filename
+        try:
+            tensors[name] = load_file(str(ckpt / name))
+        except FileNotFoundError:
+            raise CLIError(f"checkpoint {ckpt}: missing {name}") from None
+        except (SafetensorError, OSError) as e:
+            raise CLIError(f"checkpoint {ckpt}: unreadable {name} ({e})") from None
+    opt_tensors, rng = tensors[OPTIMIZER_FILE], tensors[RNG_FILE]
     if "cpu" not in rng:
         raise CLIError(f"checkpoint {ckpt}: {RNG_FILE} lacks the CPU generator state")
     return state, optimizer_from_files(opt_tensors, state["optimizer"]), rng
