@@ -1,0 +1,214 @@
+"""dsmoe/cli/train.py's pieces in-process: the learning-rate schedule written out, argument
+resolution with every refusal in full, the signal handling, the loss plot's data. Whole runs
+are in test_cli.py and test_cli_runs.py."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+
+from dsmoe.cli import train as train_mod
+from dsmoe.cli.common import CLIError
+
+
+def _ns(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    train_mod.add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def _resolve(*argv: str, saved: dict | None = None) -> dict:
+    return train_mod._resolve_args(_ns(*argv), saved)
+
+
+def _refusal(*argv: str, saved: dict | None = None) -> str:
+    with pytest.raises(CLIError) as e:
+        _resolve(*argv, saved=saved)
+    return str(e.value)
+
+
+# ---- the schedule, written out: linear warm-up over `warmup` steps, then a half cosine to min_lr
+
+def _expected_lr(step, lr, warmup, min_lr, steps):
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if steps <= warmup:
+        return lr
+    t = min(1.0, (step - warmup) / (steps - warmup))
+    return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * t)) / 2
+
+
+@pytest.mark.parametrize("warmup, steps", [(0, 10), (2, 3), (3, 3), (5, 4), (1, 2), (4, 104)])
+def test_lr_schedule_written_out(warmup, steps):
+    a = dict(lr=2e-3, warmup=warmup, min_lr=2e-4, steps=steps)
+    for step in range(steps + 3):
+        assert train_mod.lr_at(step, a) == pytest.approx(_expected_lr(step, 2e-3, warmup, 2e-4, steps), rel=1e-12)
+    if warmup == 0:
+        assert train_mod.lr_at(0, a) == pytest.approx(2e-3)  # no warm-up: the first step at the peak
+    if steps > warmup:
+        assert train_mod.lr_at(steps, a) == pytest.approx(2e-4)  # the end of the decay
+        assert train_mod.lr_at(steps + 50, a) == pytest.approx(2e-4)  # and it stays there
+
+
+# ---- argument resolution
+
+def test_defaults_and_derived_values():
+    a = _resolve()
+    assert {k: a[k] for k in train_mod.DEFAULTS if k not in ("warmup", "min_lr")} == \
+        {k: v for k, v in train_mod.DEFAULTS.items() if k not in ("warmup", "min_lr")}
+    assert a["warmup"] == 15 and a["min_lr"] == pytest.approx(2e-4)  # 5% of 300 steps; lr / 10
+    assert _resolve("--steps", "1")["warmup"] == 0
+    assert _resolve("--steps", "2")["warmup"] == 1
+    assert _resolve("--steps", "39")["warmup"] == 1
+    assert _resolve("--steps", "40")["warmup"] == 2
+    assert _resolve("--steps", "40", "--warmup", "0")["warmup"] == 0
+    assert _resolve("--lr", "0.5")["min_lr"] == pytest.approx(0.05)
+    assert _resolve("--lr", "0.5", "--min-lr", "0.5")["min_lr"] == 0.5  # equal is allowed
+    a = _resolve("--config", "x.json")
+    assert a["config"] == "x.json" and a["preset"] is None
+    assert _resolve("--eval-every", "0", "--save-every", "0", "--log-every", "0", "--keep-last", "1",
+                    "--sample-tokens", "0")["keep_last"] == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "tiny", "--config", "x.json"], "--preset and --config exclude each other"),
+    (["--steps", "0"], "--steps must be a positive integer, got 0"),
+    (["--batch-size", "-2"], "--batch-size must be a positive integer, got -2"),
+    (["--seq-len", "0"], "--seq-len must be a positive integer, got 0"),
+    (["--eval-batches", "0"], "--eval-batches must be a positive integer, got 0"),
+    (["--lr", "0"], "--lr must be a finite number > 0, got 0.0"),
+    (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+    (["--sample-tokens", "-1"], "--sample-tokens must be >= 0, got -1"),
+    (["--min-lr", "-1"], "--min-lr must be a finite number >= 0, got -1.0"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0, got -0.1"),
+    (["--grad-clip", "nan"], "--grad-clip must be a finite number >= 0, got nan"),
+    (["--lr", "0.1", "--min-lr", "0.2"], "--min-lr 0.2 must not exceed --lr 0.1"),
+    (["--eval-every", "-1"], "--eval-every must be >= 0, got -1"),
+    (["--save-every", "-1"], "--save-every must be >= 0, got -1"),
+    (["--log-every", "-1"], "--log-every must be >= 0, got -1"),
+    (["--keep-last", "0"], "--keep-last must be a positive integer, got 0"),
+    (["--seed", "-1"], "--seed must be an integer from 0 to 2**63 - 1, got -1"),
+    (["--sample-prompt", "a\udcff"], "--sample-prompt must be UTF-8 text; it has byte 0xff at character 1"),
+])
+def test_each_bad_value_is_refused_by_name(argv, message):
+    assert _refusal(*argv) == message
+
+
+def test_resume_takes_the_saved_settings_and_refuses_changes():
+    saved = {**train_mod.DEFAULTS, "preset": "tiny", "lr": 0.01, "warmup": 3, "min_lr": 0.001, "seq_len": 32}
+    a = _resolve("--steps", "500", "--keep-last", "2", "--lr", "0.01", saved=saved)
+    assert a["steps"] == 500 and a["keep_last"] == 2  # what may change
+    assert a["lr"] == 0.01 and a["warmup"] == 3 and a["min_lr"] == 0.001 and a["seq_len"] == 32 and a["preset"] == "tiny"
+    assert _refusal("--seq-len", "64", "--lr", "0.02", "--steps", "9", saved=saved) == (
+        "--resume continues the run with its own settings; these cannot change: --lr, --seq-len")
+    assert _refusal("--batch-size", "3", saved=saved).endswith("these cannot change: --batch-size")
+    # values refused for a new run are refused on resume too
+    assert _refusal("--steps", "0", saved=saved) == "--steps must be a positive integer, got 0"
+
+
+def test_a_saved_config_run_keeps_no_preset():
+    saved = {**train_mod.DEFAULTS, "preset": None, "config": "c.json", "warmup": 1, "min_lr": 1e-4}
+    a = _resolve(saved=saved)
+    assert a["preset"] is None and a["config"] == "c.json"
+
+
+# ---- small helpers
+
+def test_inside(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run2").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "run")
+    inside = train_mod._inside
+    assert inside(tmp_path / "run", tmp_path / "run")
+    assert inside(tmp_path / "run" / "checkpoints", tmp_path / "run")
+    assert inside(tmp_path / "alias" / "checkpoints", tmp_path / "run")  # resolved
+    assert not inside(tmp_path / "run2", tmp_path / "run")  # a name prefix is not a parent
+    assert not inside(tmp_path / "run", tmp_path / "run" / "checkpoints")
+
+
+@pytest.mark.parametrize("n, shown", [(0, "0"), (0.4, "0"), (999, "999"), (999.6, "1000"), (1000, "1.0k"),
+                                      (1234.5, "1.2k"), (2.5e6, "2500.0k")])
+def test_token_counts(n, shown):
+    assert train_mod._fmt_tokens(n) == shown
+
+
+# ---- signals
+
+def test_first_signal_asks_to_stop_the_second_stops_at_once(capsys):
+    calls = []
+    previous = signal.signal(signal.SIGTERM, lambda *a: calls.append("old"))
+    try:
+        with train_mod._Interrupt() as stop:
+            assert stop.requested is None
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.requested == "SIGTERM"
+            assert capsys.readouterr().err == ("\nSIGTERM: finishing this step and saving a checkpoint "
+                                               "(SIGTERM again to stop without saving)\n")
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+            assert stop.requested == "SIGTERM"
+        os.kill(os.getpid(), signal.SIGTERM)  # the previous handler is back
+        assert calls == ["old"]
+        with train_mod._Interrupt() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.requested == "Ctrl-C"
+            assert "Ctrl-C: finishing this step" in capsys.readouterr().err
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_signals_blocked_by_a_launcher_are_unblocked():
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        with train_mod._Interrupt():
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+            assert signal.SIGTERM not in blocked and signal.SIGINT not in blocked
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def test_outside_the_main_thread_signals_are_left_alone():
+    handler = signal.getsignal(signal.SIGINT)
+    seen = {}
+
+    def body():
+        with train_mod._Interrupt() as stop:
+            seen["old"] = dict(stop._old)
+            seen["handler"] = signal.getsignal(signal.SIGINT)
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert seen == {"old": {}, "handler": handler}
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+# ---- the loss plot
+
+def test_the_plot_shows_train_and_validation_losses(tmp_path, monkeypatch):
+    plt = train_mod.use_agg()
+    figures = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), real_close(fig)))
+    rows = [{"step": 1, "split": "train", "loss": 3.0}, {"step": 2, "split": "train", "loss": 2.5},
+            {"step": 2, "split": "val", "loss": 2.7}, {"step": 3, "split": "train", "loss": None},
+            {"step": 4, "split": "train", "loss": 2.0}, {"step": 4, "split": "val", "loss": 2.2},
+            {"step": 4, "split": "other", "loss": 9.0}]
+    run = tmp_path / "my-run"
+    run.mkdir()
+    train_mod.plot_losses(run, rows, run / "loss.png")
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (ax,) = figures[0].axes
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+    assert lines == {"train": ([1, 2, 4], [3.0, 2.5, 2.0]), "validation": ([2, 4], [2.7, 2.2])}
+    assert ax.get_title() == "my-run" and ax.get_xlabel() == "step"
+    assert ax.get_ylabel() == "cross entropy (nats / byte)"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "validation"]
+    figures.clear()
+    train_mod.plot_losses(run, rows[:2], run / "train-only.png")  # no validation yet: one line
+    assert [line.get_label() for line in figures[0].axes[0].get_lines()] == ["train"]
