@@ -209,7 +209,8 @@ def test_the_overwrite_notice_is_flushed_before_a_hard_exit(tmp_path):
     code = ("import os, sys; from dsmoe.cli import common; "
             "common.claim_run_dir(sys.argv[1], 'train', overwrite=True, outputs=['log.csv']); os._exit(0)")
     done = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                          env={**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},  # a pipe buffers
+                               "PYTHONPATH": os.pathsep.join(sys.path)})
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"--overwrite: removed log.csv from {run}\n"
 
