@@ -2,6 +2,9 @@
 schedule, optimizer-state files, the compared architectures."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -189,3 +192,186 @@ def test_run_dir_and_table_helpers(tmp_path):
     assert (tmp_path / "full" / "x").read_text() == "keep"
     table = format_table(["a", "b"], [["x", 1.5], ["yy", float("nan")]])
     assert table.splitlines()[2].startswith("x ") and table.splitlines()[3].endswith("-")
+
+
+# ------------------------------------------------------------------- corpora and batches in detail
+# (what the mutation pass over dsmoe/cli/data.py found unchecked: docs/mutation_testing.md)
+
+def test_walk_order_skips_and_suffixes(tmp_path, monkeypatch):
+    from dsmoe.cli import data as data_mod
+
+    for name in ("a/x.py", "a-b.py", "a/.hid.py", "b/site-packages/s.py", "b/__pycache__/c.py", "b/dist-packages/d.py",
+                 ".git/g.py", "b/y.txt", "b/z.py", "unreadable/u.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "a")  # a linked folder is not followed (no cycles, no doubles)
+    (tmp_path / "f.py.lnk").symlink_to(tmp_path / "b" / "z.py")  # a linked file is read
+    real = Path.iterdir
+
+    def iterdir(self):
+        if self.name == "unreadable":
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    rel = lambda files: [p.relative_to(tmp_path).as_posix() for p in files]  # noqa: E731
+    # ordered by the relative path as text: "a-b.py" before "a/x.py" ('-' < '/')
+    assert rel(data_mod._walk_files(tmp_path, (".py",))) == ["a-b.py", "a/x.py", "b/z.py"]
+    assert rel(data_mod._walk_files(tmp_path, None)) == ["a-b.py", "a/x.py", "b/y.txt", "b/z.py", "f.py.lnk"]
+
+
+def test_validation_documents_are_one_in_twenty_by_name():
+    from dsmoe.cli import data as data_mod
+
+    names = [f"doc{i}.txt" for i in range(4000)]
+    val = [n for n in names if data_mod._is_val(n)]
+    assert 150 <= len(val) <= 250  # 5 % of 4000 = 200
+    assert [n for n in names if data_mod._is_val(n)] == val  # a function of the name only
+    assert data_mod._is_val("é") in (True, False)  # any text
+
+
+def test_document_rules(tmp_path, monkeypatch):
+    from dsmoe.cli import data as data_mod
+
+    (tmp_path / "late-nul.txt").write_bytes(b"a" * 8192 + b"\x00")  # NUL only past the first 8 KiB: text
+    (tmp_path / "early-nul.bin").write_bytes(b"a" * 8191 + b"\x00")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "locked.txt").write_text("secret")
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if self.name == "locked.txt":
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    desc, docs = data_mod.iter_documents(str(tmp_path))
+    assert desc == str(tmp_path) and [d.name for d in docs] == ["late-nul.txt"]  # unreadable one skipped
+    with pytest.raises(CLIError) as e:
+        data_mod.iter_documents(str(tmp_path / "locked.txt"))
+    assert str(e.value) == f"--data: cannot read {tmp_path / 'locked.txt'}: Permission denied"
+    for bad, message in [(tmp_path / "missing", "does not exist"), (tmp_path / "empty.txt", "no text found in"),
+                         (tmp_path / "early-nul.bin", "no text found in")]:
+        with pytest.raises(CLIError) as e:
+            data_mod.iter_documents(str(bad))
+        assert str(e.value) == {"does not exist": f"--data: {bad} does not exist"}.get(message, f"--data: {message} {bad}")
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(CLIError) as e:
+        data_mod.iter_documents(str(tmp_path / "fifo"))
+    assert str(e.value) == f"--data: {tmp_path / 'fifo'} is neither a file nor a folder"
+
+
+def test_default_corpus_refusals(tmp_path, monkeypatch):
+    from dsmoe.cli import data as data_mod
+
+    monkeypatch.setattr(data_mod, "stdlib_root", lambda: tmp_path / "gone")
+    with pytest.raises(CLIError) as e:
+        data_mod.iter_documents(None)
+    assert str(e.value) == (f"the default corpus needs the standard library sources, not found at {tmp_path / 'gone'}; "
+                            "pass --data")
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "notes.txt").write_text("no .py here")
+    monkeypatch.setattr(data_mod, "stdlib_root", lambda: tmp_path / "lib")
+    with pytest.raises(CLIError) as e:
+        data_mod.iter_documents(None)
+    assert str(e.value) == f"--data: no text found in {tmp_path / 'lib'}"
+    (tmp_path / "lib" / "m.py").write_text("x = 1\n")
+    desc, docs = data_mod.iter_documents(None)
+    assert desc == f"python stdlib sources ({tmp_path / 'lib'})" and [d.name for d in docs] == ["m.py"]
+
+
+def test_stdlib_root_is_this_pythons():
+    import sysconfig
+
+    from dsmoe.cli import data as data_mod
+
+    assert data_mod.stdlib_root() == Path(sysconfig.get_paths()["stdlib"])
+    assert (data_mod.stdlib_root() / "os.py").is_file()
+
+
+def test_split_documents_cuts(tmp_path):
+    from dsmoe.cli.data import Document, _is_val
+
+    few = [Document("a", b"x" * 100), Document("b", b"y" * 10), Document("c", b"z")]
+    train, val = split_documents(few)
+    assert train == [b"x" * 95, b"y" * 9, b""] and val == [b"x" * 5, b"y", b"z"]  # the last 5 %, at least 1 byte
+    many = [Document(f"d{i}", bytes([65 + i % 26]) * 3) for i in range(40)]
+    train, val = split_documents(many)
+    assert val == [d.data for d in many if _is_val(d.name)] and len(val) >= 1
+    assert train == [d.data for d in many if not _is_val(d.name)]
+    # enough documents but none falls into validation: per-document tails instead
+    none_val = [d for d in (Document(f"n{i}", b"ab" * 20) for i in range(200)) if not _is_val(d.name)][:40]
+    train, val = split_documents(none_val)
+    assert val == [b"ab"] * 40 and train == [b"ab" * 19] * 40
+    train, val = split_documents(none_val[:39])  # fewer than 40: tails too
+    assert len(val) == 39
+
+
+def test_tokenize_documents_marks_ends_and_truncates():
+    from dsmoe.cli.data import tokenize_documents
+
+    tok = ByteTokenizer()
+    ids = tokenize_documents([b"ab", b"c"], tok)
+    assert ids.tolist() == [97, 98, EOS_ID, 99, EOS_ID] and ids.dtype == torch.int16
+    assert tokenize_documents([b"ab", b"cd", b"ef"], tok, max_tokens=4).tolist() == [97, 98, EOS_ID, 99]
+    assert tokenize_documents([b"ab", b"c"], tok, max_tokens=3).tolist() == [97, 98, EOS_ID]
+    assert tokenize_documents([], tok).tolist() == [] and tokenize_documents([], tok).dtype == torch.int16
+
+    class Big:  # a large vocabulary without an end-of-text token
+        vocab_size = 2**15
+
+        def encode_bytes(self, blob):
+            import numpy as np
+
+            return np.array([40000 + b for b in blob], dtype=np.int32)
+
+    big = tokenize_documents([b"\x01\x02", b"\x03"], Big())
+    assert big.tolist() == [40001, 40002, 40003] and big.dtype == torch.int32
+    Big.vocab_size = 2**15 - 1
+    assert tokenize_documents([b"\x01"], Big()).dtype == torch.int16
+
+
+def test_token_data_summary():
+    from dsmoe.cli.data import TokenData
+
+    data = TokenData(torch.zeros(12345, dtype=torch.int16), torch.zeros(678, dtype=torch.int16), "corpus", 3)
+    assert data.summary() == "corpus: 3 documents, 12,345 train / 678 val tokens"
+
+
+def test_batch_windows_in_detail():
+    from dsmoe.cli.data import _check_len
+
+    tokens = torch.arange(100, dtype=torch.int16)
+    # the generator of step s under seed k is seeded with k * 1_000_003 + s (mod 2**63)
+    g = torch.Generator().manual_seed(7 * 1_000_003 + 5)
+    starts = torch.randint(0, 100 - 8, (3,), generator=g)
+    x, y = train_batch(tokens, step=5, seed=7, batch_size=3, seq_len=8)
+    assert x.tolist() == [list(range(s, s + 8)) for s in starts.tolist()]
+    assert y.tolist() == [list(range(s + 1, s + 9)) for s in starts.tolist()]
+    big_seed = 2**63 - 1
+    g = torch.Generator().manual_seed((big_seed * 1_000_003 + 2) % 2**63)
+    assert train_batch(tokens, 2, big_seed, 2, 8)[0][:, 0].tolist() == torch.randint(0, 92, (2,), generator=g).tolist()
+    # every start possible, up to len - seq_len - 1 (the target of the last window is the last token)
+    seen = set()
+    for step in range(400):
+        seen.update(train_batch(tokens[:12], step, 0, 4, 10)[0][:, 0].tolist())
+    assert seen == {0, 1}
+    x, y = train_batch(tokens[:11], 0, 0, 2, 10)  # exactly seq_len + 1 tokens: the one window
+    assert x.tolist() == [list(range(10))] * 2 and y.tolist() == [list(range(1, 11))] * 2
+    with pytest.raises(CLIError) as e:
+        _check_len(tokens[:10], 10, "validation")
+    assert str(e.value) == ("the validation split has 10 tokens, fewer than --seq-len + 1 = 11; "
+                            "use more data or a shorter --seq-len")
+    with pytest.raises(CLIError, match="^the validation split has 10 tokens"):
+        next(eval_batches(tokens[:10], 1, 10, 1))
+    with pytest.raises(CLIError, match="^the train split has 10 tokens"):
+        train_batch(tokens[:10], 0, 0, 1, 10)
+
+
+def test_eval_windows_spread_evenly():
+    tokens = torch.arange(100, dtype=torch.int16)
+    batches = list(eval_batches(tokens, 2, 10, 3))
+    starts = [row[0] for x, _ in batches for row in x.tolist()]
+    assert starts == [0, 17, 35, 53, 71, 89]  # linspace(0, 89, 6), truncated
+    assert all(x.shape == (2, 10) and torch.equal(x[:, 1:], y[:, :-1]) for x, y in batches)
+    assert batches[-1][1][-1].tolist() == list(range(90, 100))  # the last window ends at the last token
