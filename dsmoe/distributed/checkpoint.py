@@ -26,8 +26,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from ..config import DeepSeekMoEConfig
+from ..fileio import write_bytes_atomic
 
 DCP_META_NAME = "dsmoe_dcp.json"
 DCP_FORMAT = "dsmoe-dcp"
@@ -118,12 +120,15 @@ def save(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optim
             "extra": extra or {},
         }
         model.config.save_pretrained(path)
-        tmp = path / (DCP_META_NAME + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, path / DCP_META_NAME)
+        _write_meta(path, meta)
     if use_dist:
         dist.barrier()
     return path
+
+
+def _write_meta(path: Path, meta: Dict[str, Any]) -> None:
+    """The marker last and atomically: a directory with it holds a complete checkpoint."""
+    write_bytes_atomic(path / DCP_META_NAME, (json.dumps(meta, indent=2) + "\n").encode())
 
 
 def load(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
@@ -146,7 +151,7 @@ def load(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optim
     try:
         with _single_process_ok(not use_dist):
             dcp.load(state, checkpoint_id=str(path), no_dist=not use_dist)
-    except Exception as e:  # DCP wraps per-rank failures (missing keys, shape mismatch)
+    except (Exception, CheckpointException) as e:  # DCP wraps per-rank failures (missing keys, shapes)
         raise ValueError(f"DCP checkpoint {path} does not match the model: {_first_line(e)}") from None
     if optim_sd is not None:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -156,6 +161,8 @@ def load(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optim
 
 
 def _first_line(e: BaseException) -> str:
+    if isinstance(e, CheckpointException) and e.failures:  # the first rank's own error, not DCP's wrapper
+        e = next(iter(e.failures.values()))[0]
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
@@ -188,7 +195,7 @@ def load_model(path: PathLike, dtype: torch.dtype = torch.float32):
     try:
         with _single_process_ok(True):
             dcp.load({"model": state}, checkpoint_id=str(path), no_dist=True)
-    except Exception as e:
+    except (Exception, CheckpointException) as e:
         raise ValueError(f"DCP checkpoint {path} does not match its config.json: {_first_line(e)}") from None
     model.eval()
     return model
@@ -216,7 +223,7 @@ def hf_to_dcp(hf_dir: PathLike, dcp_dir: PathLike, dtype: Optional[torch.dtype] 
     model.config.save_pretrained(dcp_dir)
     meta = {"format": DCP_FORMAT, "version": DCP_VERSION, "world_size": 1, "mesh": {"dp": 1, "ep": 1},
             "has_optimizer": False, "extra": {"converted_from": str(hf_dir)}}
-    (dcp_dir / DCP_META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    _write_meta(dcp_dir, meta)
     return dcp_dir
 
 
