@@ -3,7 +3,9 @@ for what needs a process group, stand-ins for what needs more ranks. The multi-r
 (expert parallelism, FSDP, DCP across rank counts) is test_distributed.py's, in rank processes."""
 from __future__ import annotations
 
+import json
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,3 +225,94 @@ def test_backward_sends_the_rows_back(monkeypatch):
     y.sum().backward()
     assert calls == [([4, 1], [2, 1]), ([2, 1], [4, 1])]
     assert x.grad.shape == (3, 2)
+
+
+# ---- the training loop's distributed steps, on one rank
+
+def test_distributed_training_on_one_rank(one_rank, tmp_path, monkeypatch):
+    import dsmoe
+    from dsmoe.cli.distributed import launch as launch_mod
+    from dsmoe.cli.distributed.training import DistributedTraining
+    from dsmoe.distributed import checkpoint as dckpt
+    from dsmoe.model import DeepSeekMoEForCausalLM
+
+    run = DistributedTraining(one_rank)
+    assert run.rank == 0 and run.world_size == 1 and run.is_main and run.device == torch.device("cpu")
+    assert run.describe() == "1 processes (gloo), mesh dp 1 x ep 1"
+    assert run.mean(3.5) == 3.5 and run.mean(torch.tensor([1.0, 2.0])) == [1.0, 2.0]
+    assert run.broadcast({"a": 1}) == {"a": 1}
+    assert run.any(True) is True and run.any(False) is False
+    monkeypatch.delenv(launch_mod.STOP_FILE_ENV, raising=False)
+    assert run.should_stop(False) is False and run.should_stop(True) is True
+    monkeypatch.setenv(launch_mod.STOP_FILE_ENV, str(tmp_path / "stop"))
+    (tmp_path / "stop").write_text("")
+    assert run.should_stop(False) is True  # the --nproc launcher asked
+    run.barrier()
+    x = torch.arange(6).reshape(3, 2)
+    assert torch.equal(run.local_batch(x), x)
+
+    torch.manual_seed(0)
+    model = DeepSeekMoEForCausalLM(dsmoe.get_preset("tiny"))
+    run.check_config(model.config)
+    opt = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+                             {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=0.01, betas=(0.9, 0.95))
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    wrapped, new_opt = run.wrap(model, opt)
+    assert type(new_opt) is torch.optim.AdamW
+    assert [g["weight_decay"] for g in new_opt.param_groups] == [0.1, 0.0]
+    assert all(g["betas"] == (0.9, 0.95) and g["lr"] == 0.01 for g in new_opt.param_groups)
+    assert len(new_opt.state) == len(opt.state)  # the single-process state carried over
+    wrapped(ids, labels=ids).loss.backward()
+    norm = run.clip_grad_norm_(wrapped.parameters(), 1.0)
+    assert float(norm) > 0
+    new_opt.step()
+
+    path = run.save(tmp_path / "ck", wrapped, new_opt, {"step": 2, "note": "x"},
+                    extra_files=lambda d: (Path(d) / "extra.txt").write_text("e"))
+    assert path == tmp_path / "ck" and dckpt.is_dcp_checkpoint(path)
+    assert json.loads((path / "trainer_state.json").read_text()) == {"step": 2, "note": "x"}
+    assert (path / "extra.txt").read_text() == "e" and dckpt.read_meta(path)["extra"] == {"step": 2}
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ck")) == ["ck"]
+    (tmp_path / "ck.tmp").mkdir()  # left by a killed save: replaced
+    (tmp_path / "ck.tmp" / "junk").write_text("j")
+    run.save(tmp_path / "ck", wrapped, new_opt, {"step": 3})  # over an existing one: replaced whole
+    assert json.loads((path / "trainer_state.json").read_text()) == {"step": 3} and not (path / "extra.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ck")) == ["ck"]
+
+    plain = run.export_hf(wrapped, tmp_path / "hf")
+    loaded = DeepSeekMoEForCausalLM.from_pretrained(tmp_path / "hf")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in plain.state_dict().items())
+    assert any(not torch.equal(plain.state_dict()[k], reference[k]) for k in reference)  # it trained on
+    assert run.load(path, wrapped, new_opt)["extra"] == {"step": 3}
+
+
+def test_local_batch_splits_rows_by_rank():
+    from dsmoe.cli.distributed.training import DistributedTraining
+
+    def part(rank, world, *tensors):
+        ctx = mesh.DistContext(rank, world, rank, torch.device("cpu"), None, 1, world)
+        return DistributedTraining(ctx).local_batch(*tensors)
+
+    x, y = torch.arange(12).reshape(6, 2), torch.arange(6)
+    assert [part(r, 3, y).tolist() for r in range(3)] == [[0, 1], [2, 3], [4, 5]]
+    xs, ys = part(1, 2, x, y)
+    assert xs.tolist() == [[6, 7], [8, 9], [10, 11]] and ys.tolist() == [3, 4, 5]
+    with pytest.raises(ValueError) as e:
+        part(0, 4, y)
+    assert str(e.value) == "the batch size 6 is not divisible by the 4 processes (--batch-size is the global batch)"
+    assert not DistributedTraining(mesh.DistContext(2, 3, 0, torch.device("cpu"), None, 1, 3)).is_main
+
+
+def test_experts_must_split_over_ep():
+    from dsmoe.cli.distributed.training import DistributedTraining
+
+    import dsmoe
+
+    run = DistributedTraining(mesh.DistContext(0, 4, 0, torch.device("cpu"), None, 1, 4))
+    run.check_config(dsmoe.get_preset("tiny", n_routed_experts=8))
+    with pytest.raises(ValueError, match="n_routed_experts=6 is not divisible by ep=4"):
+        run.check_config(dsmoe.get_preset("tiny", n_routed_experts=6))

@@ -92,6 +92,8 @@ class DistributedTraining:
         new = type(optimizer)([{**g, "params": [params[n] for n in g["params"]]} for g in groups])
         if full_state is not None:
             set_optimizer_state_dict(model, new, full_state, options=StateDictOptions(full_state_dict=True))
+            for group, spec in zip(new.param_groups, groups):  # as given (the state dict turns betas into lists)
+                group.update({k: v for k, v in spec.items() if k != "params"})
         return model, new
 
     def local_batch(self, *tensors: Tensor) -> Tuple[Tensor, ...]:
