@@ -375,3 +375,39 @@ def test_load_training_state_refusals(tmp_path):
     with pytest.raises(CLIError) as e:
         ck.load_training_state(c)
     assert str(e.value).startswith(f"checkpoint {c}: unreadable {ck.OPTIMIZER_FILE} (")
+
+
+def test_cuda_generator_states_restore_in_device_order(monkeypatch):
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 11)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append([int(s[0]) for s in states]))
+    cpu = torch.get_rng_state()
+    states = {"cpu": cpu, **{f"cuda.{i}": torch.tensor([i], dtype=torch.uint8) for i in (10, 2, 0, 1, 11)}}
+    ck.restore_rng(states)
+    assert restored == [[0, 1, 2, 10, 11]]  # by device number (not as text: cuda.10 after cuda.2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    ck.restore_rng(states)
+    assert restored[-1] == [0, 1]  # a checkpoint of more GPUs than this machine has
+    restored.clear()
+    ck.restore_rng({"cpu": cpu})  # a CPU run's checkpoint on a GPU machine: nothing to restore there
+    assert restored == []
+
+
+def test_damaged_json_is_named_by_what_holds_it(tmp_path):
+    run = tmp_path / "run"
+    c = _checkpoint(run, 2)
+    (run / ck.RUN_FILE).write_text("{")
+    with pytest.raises(CLIError) as e:
+        ck.read_run(run)
+    assert str(e.value).startswith(f"run directory: {run / ck.RUN_FILE} is not valid JSON (")
+    (run / ck.RUN_FILE).write_text('{"run_id": "r1"}')
+    (run / "config.json").write_text("{}")
+    (c / "config.json").write_text("[")
+    with pytest.raises(CLIError) as e:
+        ck.check_same_run(c, {"run_id": "r1"}, run)
+    assert str(e.value).startswith(f"checkpoint: {c / 'config.json'} is not valid JSON (")
+    (c / ck.TRAINER_STATE).write_text("{")
+    with pytest.raises(CLIError) as e:
+        ck.prune(run, 1, "r1")
+    assert str(e.value).startswith(f"checkpoint: {c / ck.TRAINER_STATE} is not valid JSON (")
