@@ -155,14 +155,16 @@ def test_publish_files_renames_weights_before_json(tmp_path, monkeypatch):
     (dest / "mine.txt").write_text("kept")
 
     def write(folder):
-        for name in ("config.json", "b.safetensors", "a.safetensors", "model.safetensors.index.json", "tokenizer.json"):
+        for name in ("config.json", "b.safetensors", "a.safetensors", "model.safetensors.index.json", "tokenizer.json",
+                     "model.safetensors"):
             (folder / name).write_text(name)
 
     order = []
     real = os.replace
     monkeypatch.setattr(ck.os, "replace", lambda a, b: (order.append(Path(b).name), real(a, b)))
     ck.publish_files(dest, write, "the run's config")
-    assert order == ["a.safetensors", "b.safetensors", "config.json", "model.safetensors.index.json", "tokenizer.json"]
+    assert order == ["a.safetensors", "b.safetensors", "model.safetensors", "config.json", "model.safetensors.index.json",
+                     "tokenizer.json"]  # every weight file before any JSON, whatever the names
     assert sorted(p.name for p in dest.iterdir()) == sorted(order + ["mine.txt"])
     assert (dest / "config.json").read_text() == "config.json"
 
@@ -411,3 +413,67 @@ def test_damaged_json_is_named_by_what_holds_it(tmp_path):
     with pytest.raises(CLIError) as e:
         ck.prune(run, 1, "r1")
     assert str(e.value).startswith(f"checkpoint: {c / ck.TRAINER_STATE} is not valid JSON (")
+
+
+def test_optimizer_state_keys_with_dots_and_scalar_only_entries():
+    opt = _optimizer()
+    p, q = opt.param_groups[0]["params"][0], opt.param_groups[1]["params"][0]
+    opt.state[p]["avg.of.sq"] = torch.full((3, 2), 2.0)  # a custom optimizer's key with dots
+    opt.state[q] = {"count": 4}  # no tensors at all for this parameter
+    tensors, meta = ck.optimizer_to_files(opt)
+    assert "state.0.avg.of.sq" in tensors and not any(k.startswith("state.1.") for k in tensors)
+    back = ck.optimizer_from_files(tensors, json.loads(json.dumps(meta)))
+    assert torch.equal(back["state"][0]["avg.of.sq"], torch.full((3, 2), 2.0))
+    assert back["state"][1] == {"count": 4}
+
+
+def test_cuda_generator_states_are_saved(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    states = [torch.tensor([7], dtype=torch.uint8), torch.tensor([9], dtype=torch.uint8)]
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
+    saved = ck.rng_tensors()
+    assert set(saved) == {"cpu", "cuda.0", "cuda.1"}
+    assert torch.equal(saved["cuda.0"], states[0]) and torch.equal(saved["cuda.1"], states[1])
+
+
+def test_save_folders_carry_a_hex_tag_the_cleanup_recognises(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    seen = []
+
+    class Recording(_Model):
+        def save_pretrained(self, folder):
+            seen.append(Path(folder).name)
+            super().save_pretrained(folder)
+
+    opt = _optimizer()
+    ck.save_checkpoint(ck.step_dir(run, 2), Recording(), opt, _Tokenizer(), {"step": 2}, [])
+    assert re.fullmatch(r"step-000002\.tmp-[0-9a-f]{12}", seen[0]), seen
+    moved = []
+    real = os.replace
+    monkeypatch.setattr(ck.os, "replace", lambda a, b: (moved.append(Path(b).name), real(a, b)))
+    ck.save_checkpoint(ck.step_dir(run, 2), Recording(), opt, _Tokenizer(), {"step": 2}, [])
+    tag = seen[1].rsplit("-", 1)[1]
+    assert [m for m in moved if m.startswith("step-")] == [f"step-000002.old-{tag}", "step-000002"]  # the old one aside under the same tag, then the new
+    # what a kill between the two renames leaves is recognised and put back
+    (run / "checkpoints" / seen[1]).mkdir()
+    os.rename(ck.step_dir(run, 2), run / "checkpoints" / f"step-000002.old-{tag}")
+    assert ck.clean_partial_saves(run) == ["restored step-000002", f"removed the unfinished {seen[1]}"]
+
+
+def test_a_save_that_cannot_even_start_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    bad = tmp_path / "file" / "checkpoints" / "step-000001"
+    with pytest.raises(CLIError) as e:
+        ck.save_checkpoint(bad, _Model(), _optimizer(), _Tokenizer(), {"step": 1}, [])
+    assert str(e.value).startswith(f"cannot save checkpoint {bad} (")
+    with pytest.raises(CLIError) as e:
+        ck.publish_files(tmp_path / "missing", lambda d: None, "the run's config")
+    assert str(e.value).startswith(f"cannot save the run's config {tmp_path / 'missing'} (")
+    assert str(e.value).endswith("No such file or directory); the partial files were removed")
+
+
+def test_a_damaged_trainer_state_is_named(tmp_path):
+    (tmp_path / ck.TRAINER_STATE).write_text("{")
+    with pytest.raises(CLIError) as e:
+        ck.load_training_state(tmp_path)
+    assert str(e.value).startswith(f"checkpoint: {tmp_path / ck.TRAINER_STATE} is not valid JSON (")
