@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from dsmoe.cli import train as train_mod
 from dsmoe.cli.common import CLIError
@@ -212,3 +213,117 @@ def test_the_plot_shows_train_and_validation_losses(tmp_path, monkeypatch):
     figures.clear()
     train_mod.plot_losses(run, rows[:2], run / "train-only.png")  # no validation yet: one line
     assert [line.get_label() for line in figures[0].axes[0].get_lines()] == ["train"]
+
+
+# ---- one whole run, every line and row of it checked (in-process: the mutation pass sees it)
+
+TINY = ["--preset", "tiny", "--batch-size", "4", "--seq-len", "16", "--lr", "1e-2", "--eval-batches", "1",
+        "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def one_run(tmp_path_factory, corpus):
+    import contextlib
+    import io
+
+    from dsmoe.cli import main
+
+    out = tmp_path_factory.mktemp("one") / "run"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(["train", *TINY, "--data", str(corpus), "--out", str(out), "--steps", "5", "--eval-every", "2",
+                     "--save-every", "3", "--log-every", "2", "--sample-tokens", "6", "--sample-prompt", "def",
+                     "--seed", "4"])
+    return code, out, buf.getvalue()
+
+
+def _rows(run: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_run_prints_what_it_does(one_run, corpus):
+    import re
+
+    from dsmoe.cli.models import make_config, parameter_counts
+
+    code, run, out = one_run
+    assert code == 0
+    lines = out.splitlines()
+    cfg = make_config("tiny")
+    total, active = parameter_counts(make_config("tiny", overrides=dict(vocab_size=259, bos_token_id=256,
+                                                                         eos_token_id=257, pad_token_id=None)))
+    assert lines[0] == f"dsmoe train -> {run}"
+    assert lines[1] == (f"model: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.n_shared_experts} shared + "
+                        f"{cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok}); {total / 1e6:.2f}M "
+                        f"parameters, {active / 1e6:.2f}M activated per token; impl dsmoe")
+    assert re.fullmatch(rf"data: {re.escape(str(corpus))}: 1 documents, [\d,]+ train / [\d,]+ val tokens "
+                        r"\(read in \d+\.\ds\)", lines[2]), lines[2]
+    assert lines[3] == (f"device: cpu, {torch.get_num_threads()} threads; 5 steps x 4 x 16 tokens, lr 0.01 "
+                        "(warm-up 1, cosine to 0.001)")
+    step = r"step +{} ?/5 \| loss \d+\.\d{{4}} \| aux \d+\.\d{{4}} \| lr {} \| [\d.]+k? tok/s \| \d+s"
+    val = r"step +{}/5 \| val loss \d+\.\d{{4}}"
+    expected = [step.format(2, re.escape(f"{train_mod.lr_at(1, _args()):.2e}")), val.format(2),
+                step.format(4, re.escape(f"{train_mod.lr_at(3, _args()):.2e}")), val.format(4),
+                step.format(5, re.escape(f"{train_mod.lr_at(4, _args()):.2e}"))]
+    progress = [line for line in lines[4:] if line.startswith(("step", "checkpoint"))]
+    assert progress[2] == f"checkpoint: {run / 'checkpoints' / 'step-000003'}"
+    del progress[2]
+    assert len(progress) == len(expected) and all(re.fullmatch(e, p) for e, p in zip(expected, progress)), progress
+    done = next(line for line in lines if line.startswith("done: "))
+    rows = [r for r in _rows(run) if r["split"] == "train"]
+    mean_last = sum(r["loss"] for r in rows) / 5
+    assert re.fullmatch(rf"done: 5 steps, 320 tokens in \d+s \(~[\d.]+k? tokens/s\); train loss "
+                        rf"{rows[0]['loss']:.3f} -> {mean_last:.3f} \(mean of last 5\), val loss \d+\.\d{{4}}", done), done
+    assert f"saved: {run} (model), {run / 'checkpoints' / 'step-000005'} (checkpoint), {run / 'log.csv'}, " \
+           f"{run / 'loss.png'}" in lines
+    assert "sample (temperature 0.8, top-k 40, seed 4):" in lines
+    sample = lines[lines.index("sample (temperature 0.8, top-k 40, seed 4):") + 1]
+    assert sample.startswith("def")
+
+
+def _args() -> dict:
+    return dict(lr=1e-2, warmup=1, min_lr=1e-3, steps=5)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_run_logs_every_step_and_each_validation(one_run):
+    code, run, _ = one_run
+    rows = _rows(run)
+    assert [(r["step"], r["split"]) for r in rows] == [(1, "train"), (2, "train"), (2, "val"), (3, "train"),
+                                                        (4, "train"), (4, "val"), (5, "train"), (5, "val")]
+    for r in rows:
+        assert r["tokens"] == r["step"] * 4 * 16 and r["elapsed_s"] >= 0
+        if r["split"] == "train":
+            assert r["lr"] == pytest.approx(train_mod.lr_at(r["step"] - 1, _args()))
+            assert r["tokens_per_s"] > 0 and r["aux_loss"] > 0 and r["loss"] > 0
+        else:
+            assert set(r) == {"step", "split", "loss", "tokens", "elapsed_s"}
+    assert [r["elapsed_s"] for r in rows] == sorted(r["elapsed_s"] for r in rows)
+    csv_lines = (run / "log.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + len(rows) and csv_lines[0].startswith("step,split,loss,aux_loss,lr")
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_run_leaves_its_files(one_run):
+    import json
+
+    code, run, _ = one_run
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000003", "step-000005"]
+    assert (run / "model.safetensors").is_file() and (run / "loss.png").is_file() and (run / "tokenizer.json").is_file()
+    args = json.loads((run / "train_args.json").read_text())
+    assert args["steps"] == 5 and args["warmup"] == 1 and args["min_lr"] == pytest.approx(1e-3) and args["seed"] == 4
+    state = json.loads((run / "checkpoints" / "step-000005" / "trainer_state.json").read_text())
+    run_id = json.loads((run / "run.json").read_text())["run_id"]
+    first = json.loads((run / "checkpoints" / "step-000003" / "trainer_state.json").read_text())
+    assert state["step"] == 5 and state["tokens"] == 320 and state["run_id"] == run_id
+    assert state["parent"] == {"run_id": run_id, "checkpoint_id": first["checkpoint_id"], "step": 3}
+    assert first["parent"] is None and state["checkpoint_id"] != first["checkpoint_id"]
+    assert state["args"] == args
+    from dsmoe.cli.models import load_model
+
+    final = load_model(run, torch.device("cpu")).state_dict()  # the run directory is the final model
+    last = load_model(run / "checkpoints" / "step-000005", torch.device("cpu")).state_dict()
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
