@@ -327,3 +327,177 @@ def test_a_run_leaves_its_files(one_run):
     final = load_model(run, torch.device("cpu")).state_dict()  # the run directory is the final model
     last = load_model(run / "checkpoints" / "step-000005", torch.device("cpu")).state_dict()
     assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+
+
+# ---- the Trainer's pieces, and the distributed glue with stand-ins
+
+@pytest.fixture
+def trainer(corpus):
+    a = _resolve(*TINY, "--data", str(corpus), "--steps", "4", "--eval-batches", "2", "--seed", "1")
+    return train_mod.Trainer(a, None, None, progress=False)
+
+
+def test_autocast_follows_bf16():
+    from types import SimpleNamespace
+
+    on = train_mod.Trainer.autocast(SimpleNamespace(device=torch.device("cpu"), a={"bf16": True}))
+    off = train_mod.Trainer.autocast(SimpleNamespace(device=torch.device("cpu"), a={"bf16": None}))
+    assert on.fast_dtype == torch.bfloat16 and on._enabled is True and off._enabled is False
+    import contextlib
+
+    # without CUDA autocast disables itself (a warning) but keeps the dtype asked for
+    with contextlib.nullcontext() if torch.cuda.is_available() else pytest.warns(UserWarning):
+        cuda = train_mod.Trainer.autocast(SimpleNamespace(device=torch.device("cuda"), a={"bf16": True}))
+    assert cuda.fast_dtype == torch.bfloat16  # not CUDA's default, fp16
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_each_step_sets_the_schedule_s_learning_rate(trainer):
+    for step in range(3):
+        trainer.train_step(step)
+        assert [g["lr"] for g in trainer.optimizer.param_groups] == [train_mod.lr_at(step, trainer.a)] * 2
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_evaluate_is_the_mean_loss_over_the_validation_batches(trainer):
+    import torch.nn.functional as F
+
+    assert len(trainer.eval_data) == 2
+    with torch.no_grad():
+        expected = sum(F.cross_entropy(trainer.model(x).logits.reshape(-1, trainer.config.vocab_size), y.reshape(-1))
+                       .item() for x, y in trainer.eval_data) / 2
+    assert trainer.model.training
+    assert trainer.evaluate() == pytest.approx(expected, rel=1e-6)
+    assert trainer.model.training  # back in training mode
+
+
+class _FakeDist:
+    """The DistributedTraining calls a Trainer makes, recorded; one rank's half of each batch."""
+
+    def __init__(self):
+        self.calls = []
+        self.is_main = True
+
+    def local_batch(self, x, y):
+        self.calls.append(("local_batch", x.shape[0], y.shape[0]))
+        return x[: x.shape[0] // 2], y[: y.shape[0] // 2]
+
+    def mean(self, value):
+        self.calls.append(("mean", value))
+        return value + 100.0
+
+    def save(self, path, model, optimizer, state, extra_files):
+        self.calls.append(("save", path, model, optimizer, state, extra_files))
+        Path(path).mkdir(parents=True)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_evaluate_on_several_ranks(trainer):
+    import torch.nn.functional as F
+
+    fake = _FakeDist()
+    trainer.dist = fake
+    with torch.no_grad():
+        local = sum(F.cross_entropy(trainer.model(x[:2]).logits.reshape(-1, trainer.config.vocab_size),
+                                    y[:2].reshape(-1)).item() for x, y in trainer.eval_data) / 2
+    assert trainer.evaluate() == pytest.approx(local + 100.0, rel=1e-6)  # this rank's rows, then the mean over ranks
+    assert fake.calls[:2] == [("local_batch", 4, 4)] * 2 and fake.calls[2][0] == "mean"
+    assert fake.calls[2][1] == pytest.approx(local, rel=1e-6)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_save_once_per_step_with_lineage_and_pruning(trainer, tmp_path):
+    import json
+
+    from dsmoe.cli import checkpoint as ck
+
+    run = tmp_path / "run"
+    run.mkdir()
+    trainer.run_dir, trainer.run_id = run, "r1"
+    foreign = ck.step_dir(run, 1)
+    foreign.mkdir(parents=True)
+    (foreign / ck.TRAINER_STATE).write_text(json.dumps({"step": 1, "run_id": "other"}))
+    trainer.a["keep_last"] = 1
+    trainer.step = 2
+    first = trainer.save()
+    state = json.loads((first / ck.TRAINER_STATE).read_text())
+    assert trainer.parent == {"run_id": "r1", "checkpoint_id": state["checkpoint_id"], "step": 2}
+    assert trainer.save() == first  # the same step again: nothing written
+    assert json.loads((first / ck.TRAINER_STATE).read_text())["checkpoint_id"] == state["checkpoint_id"]
+    trainer.step = 3
+    second = trainer.save()
+    assert json.loads((second / ck.TRAINER_STATE).read_text())["parent"] == trainer.parent | {
+        "checkpoint_id": state["checkpoint_id"], "step": 2}
+    assert [s for s, _ in ck.checkpoints(run)] == [1, 3]  # --keep-last 1 of this run's; the other run's stays
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_save_on_several_ranks_hands_everything_to_the_run(trainer, tmp_path):
+    from safetensors.torch import load_file
+
+    fake = _FakeDist()
+    trainer.dist, trainer.run_dir, trainer.run_id, trainer.step = fake, tmp_path, "r1", 2
+    path = trainer.save()
+    (name, where, model, optimizer, state, extra_files), = [c for c in fake.calls if c[0] == "save"]
+    assert where == path == tmp_path / "checkpoints" / "step-000002"
+    assert model is trainer.model and optimizer is trainer.optimizer
+    assert state["param_names"] == trainer.param_names and state["step"] == 2 and state["run_id"] == "r1"
+    (tmp_path / "x").mkdir()
+    extra_files(tmp_path / "x")
+    assert (tmp_path / "x" / "tokenizer.json").is_file()
+    assert torch.equal(load_file(str(tmp_path / "x" / "rng.safetensors"))["cpu"], torch.get_rng_state())
+
+
+def test_an_error_inside_interrupt_handling_propagates():
+    with pytest.raises(ValueError):
+        with train_mod._Interrupt():
+            raise ValueError("x")
+
+
+def test_the_plot_s_size_and_styles(tmp_path, monkeypatch):
+    from PIL import Image
+
+    plt = train_mod.use_agg()
+    figures = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), real_close(fig)))
+    rows = [{"step": s, "split": "train", "loss": 3.0 - s / 10} for s in range(1, 5)] + \
+        [{"step": 4, "split": "val", "loss": 2.9}]
+    train_mod.plot_losses(tmp_path, rows, tmp_path / "loss.png")
+    assert Image.open(tmp_path / "loss.png").size == (770, 440)  # 7 x 4 inches at 110 dpi
+    ax = figures[0].axes[0]
+    train, val = ax.get_lines()
+    assert train.get_linewidth() == 1 and train.get_marker() in ("None", None, "")
+    assert val.get_marker() == "o" and val.get_linestyle() == "-"
+    assert ax.xaxis.get_gridlines()[0].get_alpha() == 0.3 and ax.xaxis.get_gridlines()[0].get_visible()
+
+
+def test_run_glue(monkeypatch):
+    from dsmoe.cli.distributed import options as dist_cli
+
+    calls = []
+
+    class Dist:
+        def close(self):
+            calls.append("close")
+
+    ns = _ns("--device", "cpu")
+    monkeypatch.setattr(dist_cli, "maybe_launch", lambda n, fn: calls.append(("launch", n, fn)) or 7)
+    assert train_mod.run(ns) == 7 and calls == [("launch", ns, train_mod.add_arguments)]  # --nproc: the launcher's status
+
+    import contextlib
+
+    dist = Dist()
+    monkeypatch.setattr(dist_cli, "maybe_launch", lambda n, fn: None)
+    monkeypatch.setattr(dist_cli, "join", lambda n, device=None: calls.append(("join", n, device)) or dist)
+    monkeypatch.setattr(dist_cli, "quiet_unless_main",
+                        lambda d: calls.append(("quiet", d)) or contextlib.nullcontext())
+    for code, stop, dist_or_none, expected in [(130, True, dist, 0), (130, False, dist, 130), (143, True, dist, 143),
+                                               (130, True, None, 130), (0, True, dist, 0)]:
+        calls.clear()
+        monkeypatch.setattr(dist_cli, "join", lambda n, device=None, d=dist_or_none: calls.append(("join", n, device)) or d)
+        monkeypatch.setattr(dist_cli, "stop_requested", lambda s=stop: s)
+        monkeypatch.setattr(train_mod, "_run", lambda n, d, c=code: calls.append(("_run", n, d)) or c)
+        assert train_mod.run(ns) == expected, (code, stop, dist_or_none)
+        assert calls[:3] == [("join", ns, "cpu"), ("quiet", dist_or_none), ("_run", ns, dist_or_none)]
+        assert calls[3:] == (["close"] if dist_or_none is not None else [])
