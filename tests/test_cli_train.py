@@ -110,6 +110,11 @@ def test_resume_takes_the_saved_settings_and_refuses_changes():
     assert _refusal("--batch-size", "3", saved=saved).endswith("these cannot change: --batch-size")
     # values refused for a new run are refused on resume too
     assert _refusal("--steps", "0", saved=saved) == "--steps must be a positive integer, got 0"
+    # a hand-edited train_args.json: JSON true is not a count
+    for name in ("steps", "batch_size", "seq_len", "eval_batches"):
+        flag = "--" + name.replace("_", "-")
+        assert _refusal(saved={**saved, name: True}) == f"{flag} must be a positive integer, got True"
+        assert _refusal(saved={**saved, name: 2.0}) == f"{flag} must be a positive integer, got 2.0"
 
 
 def test_a_saved_config_run_keeps_no_preset():
