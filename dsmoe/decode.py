@@ -9,8 +9,10 @@ the plain stacked weights.
 The packed copies live in a cache keyed by the weight tensor (the ``nn.Parameter`` object, held
 weakly) and are rebuilt only when that weight changed: another storage (``.to(dtype)``,
 ``p.data = ...``), another shape/dtype/stride, or an in-place write, which bumps the tensor's
-version counter (``copy_``, ``load_state_dict``, optimizer steps). Writes through ``p.data``
-bypass the version counter: call :func:`clear_cache` after those. The cache holds one packed copy
+version counter (``copy_``, ``load_state_dict``, most optimizer steps). torch's fused
+optimizers (``fused=True``, which ``dsmoe train`` uses on CPU) write without bumping it, so
+every optimizer step drops the cache (a global step hook, registered with the first packed
+copy). Writes through ``p.data`` bypass the version counter: call :func:`clear_cache` after those. The cache holds one packed copy
 per weight (the expert weights' size again); the ``cpu_decode`` setting (``dsmoe.set_backend``,
 default from ``DSMOE_CPU_DECODE``, read once) turns the path off.
 """
@@ -69,6 +71,19 @@ def _pack(w_gate_up: Tensor, w_down: Tensor) -> ops.PackedDecodeWeights:
     return ops.PackedDecodeWeights(gate_up, down)
 
 
+_step_hook = None
+
+
+def _clear_after_optimizer_steps() -> None:
+    """Drops the cache after every optimizer step of any optimizer: fused ones (AdamW/Adam/SGD
+    with ``fused=True``) update the weights in place without bumping their version counters."""
+    global _step_hook
+    if _step_hook is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _step_hook = register_optimizer_step_post_hook(lambda *_: clear_cache())
+
+
 def _packed(key: Tensor, sources: Sequence[Tensor], make) -> ops.PackedDecodeWeights:
     """The packed form of ``sources`` cached under ``key``, rebuilt when any source changed."""
     sig = _signature(sources)
@@ -78,6 +93,7 @@ def _packed(key: Tensor, sources: Sequence[Tensor], make) -> ops.PackedDecodeWei
     _cache.pop(key, None)  # the old copy goes before the new one is made: one extra copy at most
     with torch.no_grad():
         packed = make()
+    _clear_after_optimizer_steps()
     _cache[key] = (sig, packed)
     return packed
 

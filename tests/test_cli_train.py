@@ -506,3 +506,26 @@ def test_run_glue(monkeypatch):
         assert train_mod.run(ns) == expected, (code, stop, dist_or_none)
         assert calls[:3] == [("join", ns, "cpu"), ("quiet", dist_or_none), ("_run", ns, dist_or_none)]
         assert calls[3:] == (["close"] if dist_or_none is not None else [])
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_resuming_the_run_continues_it_exactly(one_run, tmp_path, capsys):
+    from dsmoe.cli import main
+
+    _, run, _ = one_run
+    ck3 = run / "checkpoints" / "step-000003"
+    assert main(["train", "--resume", str(ck3), "--out", str(tmp_path / "b"), "--sample-tokens", "0"]) == 0
+    out = capsys.readouterr().out
+    assert (f"resuming from {ck3} at step 3 into this new run directory (the checkpoint is left as it is)"
+            in out.splitlines())
+    original = {(r["step"], r["split"]): r["loss"] for r in _rows(run)}
+    resumed = {(r["step"], r["split"]): r["loss"] for r in _rows(tmp_path / "b")}
+    assert resumed == {k: v for k, v in original.items() if k[0] > 3}  # bit for bit
+    rows = _rows(tmp_path / "b")
+    assert [r["tokens"] for r in rows if r["split"] == "train"] == [4 * 64, 5 * 64]  # counted on from the checkpoint
+    import json
+
+    branched = json.loads((tmp_path / "b" / "run.json").read_text())["branched_from"]
+    state3 = json.loads((ck3 / "trainer_state.json").read_text())
+    assert branched == {"run_id": state3["run_id"], "checkpoint_id": state3["checkpoint_id"], "step": 3,
+                        "path": str(ck3.resolve())}

@@ -246,6 +246,30 @@ def test_cache_follows_weight_changes():
     check(out(), expected(), torch.bfloat16)
 
 
+@pytest.mark.parametrize("make_optimizer", [
+    lambda ps: torch.optim.AdamW(ps, lr=0.1, fused=True),  # what `dsmoe train` uses on CPU
+    lambda ps: torch.optim.Adam(ps, lr=0.1, fused=True),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, fused=True),
+    lambda ps: torch.optim.AdamW(ps, lr=0.1),
+])
+def test_cache_follows_optimizer_steps(make_optimizer):
+    """torch's fused optimizers write the weights without bumping their version counters: the
+    packed copies must not outlive a step (they did: `dsmoe train`'s validation loss was
+    computed with the expert weights of its first validation)."""
+    layer = torch.nn.Module()
+    layer.w_gate_up = torch.nn.Parameter(torch.randn(4, 16, 8))
+    layer.w_down = torch.nn.Parameter(torch.randn(4, 8, 8))
+    opt = make_optimizer(list(layer.parameters()))
+    x, w, ids = torch.randn(2, 8), torch.rand(2, 2), torch.tensor([[0, 1], [2, 3]])
+    for _ in range(2):
+        with torch.no_grad():
+            got = decode.decode_routed_experts(x, w, ids, layer.w_gate_up, layer.w_down)
+        check(got, reference_moe(x, w, ids, layer.w_gate_up.detach(), layer.w_down.detach()), torch.float32)
+        for p in layer.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+
+
 # ---------------------------------------------------------------- the model
 
 
