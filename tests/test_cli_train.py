@@ -529,3 +529,34 @@ def test_resuming_the_run_continues_it_exactly(one_run, tmp_path, capsys):
     state3 = json.loads((ck3 / "trainer_state.json").read_text())
     assert branched == {"run_id": state3["run_id"], "checkpoint_id": state3["checkpoint_id"], "step": 3,
                         "path": str(ck3.resolve())}
+
+
+def test_every_option_parses_to_its_type_and_defaults_to_unset():
+    ns = _ns()
+    # unset options are None, so a resumed run can tell what was given from what was not
+    assert {k: getattr(ns, k) for k in train_mod.DEFAULTS} == {k: None for k in train_mod.DEFAULTS}
+    assert ns.out is None and ns.resume is None and ns.overwrite is False and ns.no_progress is False
+    assert ns.nproc is None and ns.ep is None
+    ints = ("steps", "batch_size", "seq_len", "warmup", "seed", "eval_every", "eval_batches", "save_every", "log_every",
+            "sample_tokens", "keep_last", "nproc", "ep")
+    floats = ("lr", "min_lr", "weight_decay", "grad_clip")
+    for name in ints + floats:
+        value = getattr(_ns(f"--{name.replace('_', '-')}", "3"), name)
+        assert value == 3 and type(value) is (int if name in ints else float), name
+    flags = _ns("--bf16", "--compile", "--overwrite", "--no-progress")
+    assert flags.bf16 is True and flags.compile is True and flags.overwrite is True and flags.no_progress is True
+    strings = _ns("--preset", "p", "--config", "c", "--data", "d", "--device", "cpu", "--out", "o", "--resume", "r",
+                  "--sample-prompt", "s", "--impl", "reference")
+    assert (strings.preset, strings.config, strings.data, strings.device, strings.out, strings.resume,
+            strings.sample_prompt, strings.impl) == ("p", "c", "d", "cpu", "o", "r", "s", "reference")
+    with pytest.raises(SystemExit):
+        _ns("--impl", "fast")
+    with pytest.raises(SystemExit):
+        _ns("--steps", "1.5")
+    p = argparse.ArgumentParser()
+    train_mod.add_arguments(p)
+    helps = {a.dest: a.help for a in p._actions if a.option_strings and a.dest != "help"}
+    assert all(helps.values()), [k for k, v in helps.items() if not v]  # every option says what it does
+    for name in ("seq_len", "batch_size", "steps", "lr", "weight_decay", "grad_clip", "seed", "eval_batches",
+                 "sample_tokens"):
+        assert f"(default {train_mod.DEFAULTS[name]})" in helps[name], name  # the defaults it states are the real ones
