@@ -560,3 +560,81 @@ def test_every_option_parses_to_its_type_and_defaults_to_unset():
     for name in ("seq_len", "batch_size", "steps", "lr", "weight_decay", "grad_clip", "seed", "eval_batches",
                  "sample_tokens"):
         assert f"(default {train_mod.DEFAULTS[name]})" in helps[name], name  # the defaults it states are the real ones
+
+
+def _train_quietly(*argv) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from dsmoe.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(["train", *argv])
+    return code, buf.getvalue()
+
+
+def _config(tmp_path, name, **overrides) -> str:
+    from dsmoe.cli.models import make_config
+
+    folder = tmp_path / name
+    make_config("tiny", overrides=overrides).save_pretrained(folder)
+    return str(folder / "config.json")
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_default_cadences_of_a_longer_run(tmp_path, corpus):
+    """40 steps with no --eval-every / --save-every / --log-every: 5 validations, a line every
+    2 steps, one checkpoint at the end; a model without shared experts says so."""
+    config = _config(tmp_path, "noshared", n_shared_experts=None)
+    code, out = _train_quietly("--config", config, "--data", str(corpus), "--out", str(tmp_path / "r"), "--steps", "40",
+                               "--batch-size", "1", "--seq-len", "8", "--eval-batches", "1", "--no-progress",
+                               "--sample-tokens", "0", "--bf16")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[1].startswith("model: 2 layers, hidden 32, 0 shared + 8 routed experts (top-2); ")
+    assert lines[3].startswith("device: cpu bf16, ")
+    assert [int(line.split()[1].split("/")[0]) for line in lines if line.startswith("step") and "| loss" in line] == \
+        list(range(2, 41, 2))
+    assert [int(line.split()[1].split("/")[0]) for line in lines if line.startswith("step") and "val loss" in line] == \
+        [8, 16, 24, 32]
+    assert [(r["step"], r["split"]) for r in _rows(tmp_path / "r") if r["split"] == "val"] == \
+        [(8, "val"), (16, "val"), (24, "val"), (32, "val"), (40, "val")]
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == ["step-000040"]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_dense_model_and_large_counts_in_the_header(tmp_path, corpus, monkeypatch):
+    monkeypatch.setattr(train_mod, "parameter_counts", lambda cfg: (2_005_001, 1_005_001))
+    config = _config(tmp_path, "dense", n_routed_experts=None, n_shared_experts=None, num_experts_per_tok=None)
+    code, out = _train_quietly("--config", config, "--data", str(corpus), "--out", str(tmp_path / "r"), "--steps", "1",
+                               "--batch-size", "1", "--seq-len", "8", "--eval-batches", "1", "--no-progress",
+                               "--sample-tokens", "0")
+    assert code == 0
+    assert out.splitlines()[1] == ("model: 2 layers, hidden 32, dense; 2.01M parameters, 1.01M activated per token; "
+                                   "impl dsmoe")
+    assert out.splitlines()[3].startswith("device: cpu, ")  # no bf16
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_on_a_terminal_a_progress_bar_replaces_the_step_lines(tmp_path, corpus, monkeypatch, capsys):
+    import shutil
+
+    from dsmoe.cli import main
+
+    monkeypatch.setattr(train_mod, "stderr_is_tty", lambda: True)
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda *a: __import__("os").terminal_size((100, 30)))
+    tiny = [a for a in TINY if a != "--no-progress"]
+    assert main(["train", *tiny, "--data", str(corpus), "--out", str(tmp_path / "r"), "--steps", "4",
+                 "--eval-every", "2", "--sample-tokens", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert "| loss" not in out  # no step lines: the bar shows them
+    assert "step     2/4 | val loss" in out  # validations are written above the bar
+    bar = err.replace("\r", "\n").splitlines()
+    last = [line for line in bar if "4/4" in line][-1]
+    assert "100%" in last and "step" in last and "loss" in last and "aux" in last and "tok/s" in last
+    assert max(len(line) for line in bar) <= 100  # the terminal's width
+    assert main(["train", *tiny, "--data", str(corpus), "--out", str(tmp_path / "q"), "--steps", "2",
+                 "--sample-tokens", "0", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert "| loss" in out and "2/2" not in err  # --no-progress: lines, no bar
