@@ -226,8 +226,10 @@ TINY = ["--preset", "tiny", "--batch-size", "4", "--seq-len", "16", "--lr", "1e-
         "--no-progress"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def one_run(tmp_path_factory, corpus):
+    """(per test, not per module: mutmut attributes a module fixture's calls to the first test
+    only, and would run only that one against a mutant of the training loop)"""
     import contextlib
     import io
 
