@@ -640,3 +640,62 @@ def test_on_a_terminal_a_progress_bar_replaces_the_step_lines(tmp_path, corpus, 
                  "--sample-tokens", "0", "--no-progress"]) == 0
     out, err = capsys.readouterr()
     assert "| loss" in out and "2/2" not in err  # --no-progress: lines, no bar
+
+
+def test_a_new_trainer(corpus):
+    from dsmoe.cli.data import ByteTokenizer
+
+    a = _resolve(*TINY, "--data", str(corpus), "--steps", "4", "--eval-batches", "3", "--seed", "5",
+                 "--weight-decay", "0.25")
+    t = train_mod.Trainer(a, None, None, progress=False)
+    assert t.device == torch.device("cpu") and t.model.training and t.forward is t.model
+    assert isinstance(t.tokenizer, ByteTokenizer) and t.data_load_s >= 0
+    cfg = t.config
+    assert (cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (259, 256, 257, None)
+    assert t.param_names == [n for n, _ in t.model.named_parameters()]
+    assert (t.step, t.tokens, t.elapsed, t.parent, t.run_id, t.last_saved) == (0, 0, 0.0, None, None, None)
+    decay, no_decay = t.optimizer.param_groups
+    assert decay["weight_decay"] == 0.25 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(t.param_names)
+    for g in (decay, no_decay):
+        assert g["betas"] == (0.9, 0.95) and g["eps"] == 1e-8 and g["lr"] == train_mod.lr_at(0, a)
+        assert g["fused"] is True  # on CPU: torch's fused AdamW
+    assert len(t.eval_data) == 3 and all(x.shape == (4, 16) and y.shape == (4, 16) for x, y in t.eval_data)
+    same = train_mod.Trainer(a, None, None, progress=False)
+    other = train_mod.Trainer({**a, "seed": 6}, None, None, progress=False)
+    w = lambda tr: torch.cat([p.detach().flatten() for p in tr.model.parameters()])  # noqa: E731
+    assert torch.equal(w(t), w(same)) and not torch.equal(w(t), w(other))  # initialised from --seed
+    with pytest.raises(CLIError) as e:
+        train_mod.Trainer({**a, "seq_len": 4096}, None, None, progress=False)
+    assert str(e.value) == "--seq-len 4096 exceeds the model's max_position_embeddings 128"
+
+
+def test_resuming_a_checkpoint_of_other_parameters_is_refused(corpus, tmp_path):
+    import json
+
+    code, _ = _train_quietly(*TINY, "--data", str(corpus), "--out", str(tmp_path / "r"), "--steps", "2",
+                             "--sample-tokens", "0")
+    assert code == 0
+    ck = tmp_path / "r" / "checkpoints" / "step-000002"
+    state = json.loads((ck / "trainer_state.json").read_text())
+    (ck / "trainer_state.json").write_text(json.dumps({**state, "param_names": state["param_names"][::-1]}))
+    saved = train_mod.ckpt.load_training_state(ck)
+    a = train_mod._resolve_args(_ns(), saved[0]["args"])
+    with pytest.raises(CLIError) as e:
+        train_mod.Trainer({**a, "steps": 4}, None, ck, progress=False, saved=saved)
+    assert str(e.value) == f"checkpoint {ck}: its optimizer state does not match the model's parameters"
+    (ck / "trainer_state.json").write_text(json.dumps(state))
+    saved = train_mod.ckpt.load_training_state(ck)
+    t = train_mod.Trainer({**a, "steps": 4}, None, ck, progress=False, saved=saved)
+    assert (t.step, t.tokens) == (2, 2 * 64) and t.elapsed == state["elapsed_s"]
+    assert t.parent == {"run_id": state["run_id"], "checkpoint_id": state["checkpoint_id"], "step": 2,
+                        "path": str(ck.resolve())}
+    for g in t.optimizer.param_groups:  # JSON lists back to what AdamW holds; this run's fused choice
+        assert g["betas"] == (0.9, 0.95) and isinstance(g["betas"], tuple) and g["fused"] is True
+    assert len(t.optimizer.state) == len(t.param_names)  # the moments came back
+    opt_sd = saved[1]
+    opt_sd["param_groups"][0]["params"] = opt_sd["param_groups"][0]["params"][:-1]
+    with pytest.raises(CLIError) as e:
+        train_mod.Trainer({**a, "steps": 4}, None, ck, progress=False, saved=saved)
+    assert str(e.value).startswith(f"checkpoint {ck}: bad optimizer state (")
