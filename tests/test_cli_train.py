@@ -699,3 +699,47 @@ def test_resuming_a_checkpoint_of_other_parameters_is_refused(corpus, tmp_path):
     with pytest.raises(CLIError) as e:
         train_mod.Trainer({**a, "steps": 4}, None, ck, progress=False, saved=saved)
     assert str(e.value).startswith(f"checkpoint {ck}: bad optimizer state (")
+
+
+def test_trainer_refuses_bf16_on_a_gpu_without_it(corpus, monkeypatch):
+    a = _resolve(*TINY, "--data", str(corpus), "--bf16")
+    monkeypatch.setattr(train_mod, "pick_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kw: False)
+    with pytest.raises(CLIError) as e:
+        train_mod.Trainer(a, None, None, progress=False)
+    assert str(e.value) == "--bf16: this GPU does not support bfloat16"
+
+
+def test_trainer_under_a_distributed_run(corpus, tmp_path):
+    """With a stand-in DistributedTraining: its device, its wrapping of model and optimizer."""
+    calls = []
+
+    class Dist:
+        device = torch.device("cpu")
+
+        def wrap(self, model, optimizer):
+            calls.append((model, optimizer, [g.get("fused") for g in optimizer.param_groups]))
+            return model, optimizer
+
+    a = _resolve(*TINY, "--data", str(corpus), "--device", "meta")  # the run's device wins over --device
+    dist = Dist()
+    t = train_mod.Trainer(a, tmp_path, None, progress=True, dist=dist)
+    assert t.dist is dist and t.device == torch.device("cpu") and t.run_dir == tmp_path and t.progress is True
+    (model, optimizer, fused), = calls
+    assert model is t.model and optimizer is t.optimizer
+    assert fused == [None, None]  # not torch's fused AdamW on sharded (DTensor) parameters
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_trainer_reads_its_checkpoint_itself(corpus, tmp_path):
+    code, _ = _train_quietly(*TINY, "--data", str(corpus), "--out", str(tmp_path / "r"), "--steps", "2",
+                             "--sample-tokens", "0")
+    assert code == 0
+    ck = tmp_path / "r" / "checkpoints" / "step-000002"
+    saved = train_mod.ckpt.load_training_state(ck)
+    a = {**train_mod._resolve_args(_ns(), saved[0]["args"]), "steps": 4}
+    given = train_mod.Trainer(a, None, ck, progress=False, saved=saved)
+    read = train_mod.Trainer(a, None, ck, progress=False)  # saved=None: read from the checkpoint
+    assert (read.step, read.tokens, read.parent) == (given.step, given.tokens, given.parent) == (
+        2, 128, given.parent)
+    assert all(torch.equal(x, y) for x, y in zip(read.model.state_dict().values(), given.model.state_dict().values()))
