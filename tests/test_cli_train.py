@@ -514,10 +514,11 @@ def test_run_glue(monkeypatch):
 def test_resuming_the_run_continues_it_exactly(one_run, tmp_path, capsys):
     from dsmoe.cli import main
 
-    _, run, _ = one_run
+    _, run, first_out = one_run
     ck3 = run / "checkpoints" / "step-000003"
     assert main(["train", "--resume", str(ck3), "--out", str(tmp_path / "b"), "--sample-tokens", "0"]) == 0
     out = capsys.readouterr().out
+    assert out.splitlines()[1] == first_out.splitlines()[1]  # the checkpoint's architecture, not a preset's
     assert (f"resuming from {ck3} at step 3 into this new run directory (the checkpoint is left as it is)"
             in out.splitlines())
     original = {(r["step"], r["split"]): r["loss"] for r in _rows(run)}
@@ -710,7 +711,7 @@ def test_trainer_refuses_bf16_on_a_gpu_without_it(corpus, monkeypatch):
     assert str(e.value) == "--bf16: this GPU does not support bfloat16"
 
 
-def test_trainer_under_a_distributed_run(corpus, tmp_path):
+def test_trainer_under_a_distributed_run(corpus, tmp_path, monkeypatch):
     """With a stand-in DistributedTraining: its device, its wrapping of model and optimizer."""
     calls = []
 
@@ -721,10 +722,14 @@ def test_trainer_under_a_distributed_run(corpus, tmp_path):
             calls.append((model, optimizer, [g.get("fused") for g in optimizer.param_groups]))
             return model, optimizer
 
+    seen = []
+    monkeypatch.setattr(train_mod, "pick_device", lambda name: seen.append(name) or torch.device("cpu"))
+    train_mod.Trainer(_resolve(*TINY, "--data", str(corpus), "--device", "cpu"), None, None, progress=False)
+    assert seen == ["cpu"]  # --device reaches the choice
     a = _resolve(*TINY, "--data", str(corpus), "--device", "meta")  # the run's device wins over --device
     dist = Dist()
     t = train_mod.Trainer(a, tmp_path, None, progress=True, dist=dist)
-    assert t.dist is dist and t.device == torch.device("cpu") and t.run_dir == tmp_path and t.progress is True
+    assert seen == ["cpu"] and t.dist is dist and t.device == torch.device("cpu") and t.run_dir == tmp_path and t.progress is True
     (model, optimizer, fused), = calls
     assert model is t.model and optimizer is t.optimizer
     assert fused == [None, None]  # not torch's fused AdamW on sharded (DTensor) parameters
