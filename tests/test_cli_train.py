@@ -748,3 +748,12 @@ def test_a_trainer_reads_its_checkpoint_itself(corpus, tmp_path):
     assert (read.step, read.tokens, read.parent) == (given.step, given.tokens, given.parent) == (
         2, 128, given.parent)
     assert all(torch.equal(x, y) for x, y in zip(read.model.state_dict().values(), given.model.state_dict().values()))
+
+
+def test_a_config_file_gets_the_byte_vocabulary_and_the_full_context(corpus, tmp_path):
+    config = _config(tmp_path, "padded", pad_token_id=5, vocab_size=1000)
+    a = _resolve("--config", config, "--data", str(corpus), "--batch-size", "1", "--seq-len", "128", "--no-progress")
+    t = train_mod.Trainer(a, None, None, progress=False)  # seq_len = max_position_embeddings: allowed
+    assert (t.config.vocab_size, t.config.bos_token_id, t.config.eos_token_id, t.config.pad_token_id) == \
+        (259, 256, 257, None)
+    assert 0 <= t.data_load_s < 60
