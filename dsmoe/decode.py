@@ -12,9 +12,10 @@ weakly) and are rebuilt only when that weight changed: another storage (``.to(dt
 version counter (``copy_``, ``load_state_dict``, most optimizer steps). torch's fused
 optimizers (``fused=True``, which ``dsmoe train`` uses on CPU) write without bumping it, so
 every optimizer step drops the cache (a global step hook, registered with the first packed
-copy). Writes through ``p.data`` bypass the version counter: call :func:`clear_cache` after those. The cache holds one packed copy
-per weight (the expert weights' size again); the ``cpu_decode`` setting (``dsmoe.set_backend``,
-default from ``DSMOE_CPU_DECODE``, read once) turns the path off.
+copy). Writes through ``p.data`` bypass the version counter: call :func:`clear_cache` after
+those. The cache holds one packed copy per weight (the expert weights' size again); the
+``cpu_decode`` setting (``dsmoe.set_backend``, default from ``DSMOE_CPU_DECODE``, read once)
+turns the path off.
 """
 from __future__ import annotations
 

@@ -55,7 +55,6 @@ else
     checkpoint) tests=(tests/test_checkpoint.py) ;;
     fileio) tests=(tests/test_fileio.py) ;;
     tokenizer) tests=(tests/test_tokenizer.py) ;;
-    # the plain-PyTorch oracle: the ops tests compare the kernels with it, test_ops_reference it with the seeds
     # (the parameter-count test reads the README, which the scratch copy lacks)
     cli/common) tests=(tests/test_cli_common.py tests/test_cli_runs.py tests/test_cli.py)
                 deselect=(tests/test_cli_runs.py::test_one_parameter_count_for_the_default_model) ;;
@@ -68,6 +67,7 @@ else
     cli/models) tests=(tests/test_cli_models.py tests/test_cli_data.py) ;;
     cli/generate) tests=(tests/test_cli_generate.py) ;;
     cli/__init__) tests=(tests/test_cli_generate.py) ;;
+    # the plain-PyTorch oracle: the ops tests compare the kernels with it, test_ops_reference it with the seeds
     reference) tests=(tests/test_ops_reference.py tests/test_ops_gate.py tests/test_ops_gemm.py tests/test_ops_permute.py tests/test_model.py tests/test_losses_formulas.py) ;;
     *) echo "no default tests for $mod: pass pytest arguments" >&2; exit 2 ;;
   esac
