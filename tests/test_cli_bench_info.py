@@ -57,6 +57,104 @@ def test_the_timed_layer():
     assert str(e.value) == "--topk 5 exceeds --experts 4"
 
 
+def test_bench_options():
+    assert vars(_ns(bench)) == dict(shape=None, tokens=None, hidden=None, inter=None, experts=None, topk=None, shared=None,
+                                    dtype=["fp32"], mode=["fwd", "fwdbwd"], impl=["dsmoe", "reference"], reps=None,
+                                    warmup=2, device="auto", seed=0)
+    assert _ns(bench, "--seed", "5").seed == 5 and _ns(bench, "--impl", "reference").impl == ["reference"]
+    with pytest.raises(SystemExit):
+        _ns(bench, "--impl", "loop")
+
+
+def test_the_timed_layer_at_the_edges():
+    # every expert chosen (k = E); a hidden size of one even head (the layer's attention config is unused)
+    layer = bench._layer((4, 4, 34, 8, 3, 3, 0), torch.float32, torch.device("cpu"), seed=0)
+    assert layer.gate.top_k == layer.gate.num_experts == 3 and layer.gate.hidden_size == 34
+    w = layer.experts.w_down.detach()
+    assert abs(w.mean().item()) < 0.005 and 0.015 < w.std().item() < 0.025  # normal(0, 0.02) too
+
+
+def test_what_each_pass_times(monkeypatch, capsys):
+    """Each row times what it says: the same seeded input for both paths; fwd in eval mode without
+    autograd; fwd+bwd in training mode, backpropagating a fixed seeded gradient of the output plus
+    the balance loss, the parameters' gradients dropped after each step. T is the shape's CPU count."""
+    monkeypatch.setitem(bench.SHAPES, "probe", (5, 7, 32, 16, 4, 2, 1))
+    monkeypatch.setitem(bench.SHAPES, "probe2", (3, 9, 16, 8, 4, 1, 0))
+    calls, layers = [], []
+    real_layer = bench._layer
+
+    def layer_spy(shape, dtype, device, seed):
+        layer = real_layer(shape, dtype, device, seed)
+        real_forward = layer.forward
+
+        def forward(x):
+            out = real_forward(x)
+            seen = dict(impl=layer.impl, training=layer.training, grad_enabled=torch.is_grad_enabled(),
+                        x=x.detach().clone(), requires_grad=x.requires_grad)
+            calls.append(seen)
+            if out.hidden_states.requires_grad:
+                out.hidden_states.register_hook(lambda g: seen.__setitem__("upstream", g.clone()))
+                out.aux_loss.register_hook(lambda g: seen.__setitem__("aux_upstream", g.clone()))
+            return out
+
+        layer.forward = forward
+        layers.append((layer, shape, dtype, seed))
+        return layer
+
+    times = iter([2.0, 5.0, 6.0, 20.0, 1.0, 1.0, 1.0, 1.0])  # (dsmoe, reference) x (fwd, fwd+bwd), per shape
+
+    def one_call(fn, reps, warmup, device):
+        fn()
+        return next(times)
+
+    monkeypatch.setattr(bench, "_layer", layer_spy)
+    monkeypatch.setattr(bench, "_time", one_call)
+    assert bench.run(_ns(bench, "--shape", "probe", "probe2", "--dtype", "bf16", "--seed", "3")) == 0
+    assert [(shape, dtype, seed) for _, shape, dtype, seed in layers] == [
+        (bench.SHAPES["probe"], torch.bfloat16, 3), (bench.SHAPES["probe2"], torch.bfloat16, 3)]
+    g = torch.Generator().manual_seed(3)
+    x, upstream = torch.randn(1, 5, 32, generator=g).bfloat16(), torch.randn(1, 5, 32, generator=g).bfloat16()
+    # per path: the timed fwd, the timed fwd+bwd, then the untimed forward compared across paths
+    probe = calls[:6]
+    assert [(c["impl"], c["training"], c["grad_enabled"], c["requires_grad"]) for c in probe] == [
+        ("dsmoe", False, False, False), ("dsmoe", True, True, True), ("dsmoe", False, False, False),
+        ("reference", False, False, False), ("reference", True, True, True), ("reference", False, False, False)]
+    for c in probe:
+        assert torch.equal(c["x"], x)
+    for c in (probe[1], probe[4]):
+        assert torch.equal(c["upstream"], upstream) and c["aux_upstream"].item() == 1.0
+    layer = layers[0][0]
+    assert all(p.grad is None for p in layer.parameters())
+    assert [c["x"].shape for c in calls[6:]] == [(1, 3, 16)] * 6
+
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "fwd: inference (eval mode; reference = moe_infer); fwd+bwd: training (reference = loop over experts)"
+    assert out[3].split() == ["shape", "dtype", "pass", "dsmoe", "ms", "reference", "ms", "speed-up", "max", "|diff|"]
+    rows = [line.split() for line in out if line.startswith("probe")]
+    assert [r[:6] for r in rows] == [["probe", "(T5)", "bf16", "fwd", "2.0000", "6.0000"],
+                                     ["probe", "(T5)", "bf16", "fwd+bwd", "5.0000", "20.0"],
+                                     ["probe2", "(T3)", "bf16", "fwd", "1.0000", "1.0000"],
+                                     ["probe2", "(T3)", "bf16", "fwd+bwd", "1.0000", "1.0000"]]
+    assert [r[6] for r in rows] == ["3.00x", "4.00x", "1.00x", "1.00x"]  # reference time / dsmoe time
+    assert len(rows[1]) == 7 and float(rows[0][7]) < 0.05  # the difference, on the fwd row only
+    assert out[-1] == "shapes: probe: h32 I16 E4 top-2 +1 shared; probe2: h16 I8 E4 top-1 +0 shared"
+    # no --shape: the device's default shapes
+    monkeypatch.setitem(bench.DEFAULT_SHAPES, "cpu", ("probe2",))
+    times = iter([1.0] * 4)
+    assert bench.run(_ns(bench, "--device", "cpu")) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[:4] for line in out if line.startswith("probe")] == [["probe2", "(T3)", "fp32", "fwd"],
+                                                                              ["probe2", "(T3)", "fp32", "fwd+bwd"]]
+    assert out[-1] == "shapes: probe2: h16 I8 E4 top-1 +0 shared"
+
+
+def test_smallest_counts_run(capsys):
+    argv = ["--tokens", "1", "--hidden", "16", "--inter", "8", "--experts", "2", "--topk", "1", "--reps", "1",
+            "--warmup", "0"]
+    assert bench.run(_ns(bench, *argv)) == 0
+    assert "median of 1 (after 0 warm-up)" in capsys.readouterr().out
+
+
 def test_timing_loop_counts_and_median(monkeypatch):
     calls = []
     clock = iter([0.0, 0.003, 1.0, 1.001, 2.0, 2.010])  # 3 ms, 1 ms, 10 ms
@@ -111,6 +209,16 @@ def test_cpu_name(monkeypatch):
             raise OSError(2, "No such file or directory")
         return real_open(path, *a, **kw)
 
+    def proc(path, *a, **kw):
+        if str(path) == "/proc/cpuinfo":
+            import io
+
+            return io.StringIO("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13: 64-Core \n"
+                               "model name\t: second\n")
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", proc)
+    assert bench.cpu_name() == "AMD EPYC 7B13: 64-Core"  # the first model name, whole
     monkeypatch.setattr(builtins, "open", no_proc)
     import platform
 
@@ -136,11 +244,60 @@ def test_info_lines(capsys):
     assert not any(line.startswith("preset") for line in out)
 
 
+def test_info_on_a_machine_of_stand_ins(monkeypatch, capsys):
+    """Every line from what dsmoe, torch and the machine report (stand-ins for a CUDA build on two GPUs)."""
+    import dataclasses
+    import platform
+    import types
+
+    import dsmoe
+
+    monkeypatch.setattr(dsmoe, "build_info", lambda: {"version": "9.9", "torch_version": "2.99", "cuda": True,
+                                                      "cuda_archs": "90a;100", "compiler": "gcc 13"})
+    monkeypatch.setattr(dsmoe, "cpu_kernels", lambda: {"vec_isa": "avx512", "bf16_gemm": "fp32", "fp32_gemm": "mkl"})
+    monkeypatch.setattr(info, "cpu_name", lambda: "Some CPU")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(platform, "python_version", lambda: "3.99.1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    gpus = [types.SimpleNamespace(name="H200", total_memory=int(140.6 * 2**30), major=9, minor=0),
+            types.SimpleNamespace(name="B200", total_memory=178 * 2**30, major=10, minor=0)]
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: gpus[i])
+    assert info.run(_ns(info)) == 0
+    settings = [f"  {k}: {v}" for k, v in dataclasses.asdict(dsmoe.backend_settings()).items()]
+    assert capsys.readouterr().out.splitlines() == [
+        "dsmoe 9.9",
+        "  built against torch 2.99, CUDA kernels on (archs 90a;100)",
+        "  compiler: gcc 13",
+        f"torch {torch.__version__} (CUDA 13.0), python 3.99.1",
+        f"CPU: Some CPU, {torch.get_num_threads()} threads",
+        "  CPU kernels: elementwise avx512, bf16 GEMM in fp32, fp32 GEMM mkl",
+        "Backend settings in force (dsmoe.set_backend; defaults from the environment):",
+        *settings,
+        "GPU 0: H200, 141 GiB, sm_90",
+        "GPU 1: B200, 178 GiB, sm_100",
+    ]
+    monkeypatch.setattr(dsmoe, "build_info", lambda: {"version": "9.9", "torch_version": "2.99", "cuda": False})
+    monkeypatch.setattr(dsmoe, "cpu_kernels", lambda: {"vec_isa": "avx2", "bf16_gemm": "avx512_bf16", "fp32_gemm": "own"})
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert info.run(_ns(info)) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:5] == ["  built against torch 2.99, CUDA kernels off", f"torch {torch.__version__} (CUDA none), python 3.99.1",
+                        f"CPU: Some CPU, {torch.get_num_threads()} threads",
+                        "  CPU kernels: elementwise avx2, bf16 GEMM avx512_bf16, fp32 GEMM own"]
+    assert out[-1] == "GPU: none visible"
+
+
 def test_info_presets_table(capsys):
     assert info.run(_ns(info, "--presets")) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("tiny ", "compare-dense "))}
     assert rows["compare-dense"][3] == "dense"
+    header = next(line for line in out.splitlines() if line.startswith("preset "))
+    assert header.split() == ["preset", "layers", "hidden", "experts", "params", "activated"]
+    gshard = next(line.split() for line in out.splitlines() if line.startswith("compare-gshard "))
+    assert gshard[3:5] == ["0+16", "top-2"]  # no shared expert
     from dsmoe.cli.models import make_config, parameter_counts
 
     cfg = make_config("tiny")
@@ -152,6 +309,7 @@ def test_info_presets_table(capsys):
 
 
 @pytest.mark.parametrize("n, shown", [(999_999, "1.00M"), (1_234_567, "1.23M"), (999_999_999, "1000.00M"),
-                                      (10**9, "1.0B"), (16_400_000_000, "16.4B")])
+                                      (10**9, "1.0B"), (16_400_000_000, "16.4B"),
+                                      (1_015_001, "1.02M"), (1_050_000_001, "1.1B")])  # rounding up: in millions / billions
 def test_human_counts(n, shown):
     assert info._human(n) == shown

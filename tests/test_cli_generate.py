@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 
 import pytest
 import torch
@@ -112,6 +113,8 @@ def test_stops_at_the_end_of_text_token(model, monkeypatch):
     assert seen["temperature"] == 0.7 and "do_sample" not in seen
     gen.stream(model, ByteTokenizer(), "x", 2, 0, 7, None, 1, out=io.StringIO(), stop_at_eos=False)
     assert seen["eos_token_id"] is None and seen["do_sample"] is False and "temperature" not in seen
+    gen.stream(model, _WordTokenizer(eos_id=9), "x", 2, 0.5, 3, None, 1, out=io.StringIO())
+    assert seen["eos_token_id"] == EOS_ID  # the model's own end-of-text token first
     monkeypatch.setattr(model.config, "eos_token_id", None)
     gen.stream(model, _WordTokenizer(eos_id=9), "x", 2, 0.5, 3, None, 1, out=io.StringIO())
     assert seen["eos_token_id"] == 9 and seen["top_k"] == 3  # the tokenizer's, when the config has none
@@ -156,6 +159,9 @@ def test_measure_arithmetic(model, monkeypatch):
     assert stats["decode_tokens_per_s"] == pytest.approx(2 * 3 / 0.75)
     assert stats["decode_step_ms"] == pytest.approx(250.0)
     assert stats["dtype"] == "float32" and stats["threads"] == torch.get_num_threads()
+    monkeypatch.setattr(gen.time, "perf_counter", iter([1.0, 1.25, 1.75]).__next__)
+    two = gen.measure(model, batch=1, prompt_tokens=2, new_tokens=2, seed=0)  # one decode step: a rate
+    assert two["decode_tokens_per_s"] == pytest.approx(1 / 0.5) and two["decode_step_ms"] == pytest.approx(500.0)
     monkeypatch.setattr(gen.time, "perf_counter", iter([1.0, 1.25]).__next__)
     one = gen.measure(model, batch=1, prompt_tokens=2, new_tokens=1, seed=0)
     assert one["time_to_first_token_s"] == 0.25 and "decode_tokens_per_s" not in one and "decode_step_ms" not in one
@@ -167,8 +173,12 @@ def test_measure_arithmetic(model, monkeypatch):
 def test_measure_prompts_follow_the_seed(model, monkeypatch):
     prompts = []
     real = model.generate
-    monkeypatch.setattr(model, "generate", lambda ids, **kw: (prompts.append(ids.clone()), real(ids, **kw))[1])
+    calls = []
+    monkeypatch.setattr(model, "generate",
+                        lambda ids, **kw: (prompts.append(ids.clone()), calls.append(kw), real(ids, **kw))[2])
     gen.measure(model, 3, 5, 1, seed=4)
+    # greedy, and never stopped early by an end-of-text token the random prompt happens to produce
+    assert calls[0]["do_sample"] is False and "eos_token_id" in calls[0] and calls[0]["eos_token_id"] is None
     gen.measure(model, 3, 5, 1, seed=4)
     assert prompts[0].shape == (3, 5) and torch.equal(prompts[0], prompts[1])
     assert int(prompts[0].max()) < model.config.vocab_size
@@ -238,6 +248,104 @@ def test_the_default_prompt(tmp_path, capsys, monkeypatch):
     assert prompts[-1] == ("\n", {"stop_at_eos": True})
 
 
+def test_the_options_and_their_defaults():
+    assert vars(_generate_ns("--model", "M")) == dict(
+        model="M", random=None, batch=1, prompt_tokens=32, prompt=None, max_new_tokens=200, temperature=0.8, top_k=40,
+        top_p=None, seed=0, device="auto", bf16=False, impl="dsmoe", no_stop=False)
+    p = argparse.ArgumentParser(prog="g")
+    gen.add_arguments(p)
+    assert "(--model DIR | --random PRESET)" in p.format_usage()
+    for argv in ([], ["--model", "M", "--random", "tiny"]):  # exactly one of the two
+        with pytest.raises(SystemExit):
+            p.parse_args(argv)
+
+
+def test_random_run_on_the_decode_path(monkeypatch, capsys):
+    import itertools
+
+    from dsmoe import decode
+
+    assert decode.enabled()  # the default
+    clock = itertools.count(100.0, 1.0)
+    monkeypatch.setattr(gen.time, "perf_counter", lambda: next(clock))
+    # a one-token prompt is allowed
+    assert gen.run(_generate_ns("--random", "tiny", "--max-new-tokens", "2", "--prompt-tokens", "1", "--device", "cpu")) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["decode_path"] is True and stats["impl"] == "dsmoe" and stats["dtype"] == "float32"
+    assert stats["prepack_s"] == 1.0  # one tick of the stand-in clock between the two readings
+    assert stats["prompt_tokens"] == 1 and stats["new_tokens"] == 2
+
+
+@pytest.fixture
+def byte_model_dir(tmp_path):
+    torch.manual_seed(0)
+    cfg = get_preset("tiny", vocab_size=259, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    DeepSeekMoEForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    ByteTokenizer().save(tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_run_passes_the_options_on(byte_model_dir, monkeypatch, capsys):
+    from dsmoe import decode
+
+    calls, packed = [], []
+    monkeypatch.setattr(gen, "stream", lambda *a, **kw: calls.append((a, kw)) or [])
+    monkeypatch.setattr(decode, "prepack", lambda m: packed.append(m) or 1)
+    assert gen.run(_generate_ns("--model", str(byte_model_dir), "--prompt", "ab", "--temperature", "0.5", "--top-k", "7",
+                                "--top-p", "0.9", "--seed", "3", "--max-new-tokens", "5", "--device", "cpu")) == 0
+    (model, tok, *args), kw = calls[-1]
+    assert args == ["ab", 5, 0.5, 7, 0.9, 3] and kw == {"stop_at_eos": True}
+    assert next(model.parameters()).dtype == torch.float32 and model.moe_impl == "dsmoe" and tok.byte_level
+    assert packed == [model]  # packed before the first token is timed
+    assert gen.run(_generate_ns("--model", str(byte_model_dir), "--bf16", "--impl", "reference", "--no-stop")) == 0
+    (model, _, *args), kw = calls[-1]
+    assert next(model.parameters()).dtype == torch.bfloat16 and model.moe_impl == "reference"
+    assert args == ["", 200, 0.8, 40, None, 0] and kw == {"stop_at_eos": False}
+    assert len(packed) == 1  # the reference layers have nothing to pack
+    assert gen.run(_generate_ns("--model", str(byte_model_dir), "--top-k", "0")) == 0  # 0 = all tokens
+    assert calls[-1][0][5] == 0
+
+
+def test_no_new_tokens_prints_the_prompt(byte_model_dir, capsys):
+    assert gen.run(_generate_ns("--model", str(byte_model_dir), "--prompt", "ab", "--max-new-tokens", "0")) == 0
+    assert capsys.readouterr().out == "ab\n"
+
+
+def _word_level_model(path, bos_id, eos_id):
+    """A model with a word-level tokenizer.json (<unk> <s> </s> w0 ... w60): not byte-level."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(61)]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<s>", "</s>"])
+    torch.manual_seed(0)
+    model = DeepSeekMoEForCausalLM(get_preset("tiny", bos_token_id=bos_id, eos_token_id=eos_id)).eval()
+    model.save_pretrained(path)
+    tok.save(str(path / "tokenizer.json"))
+    return model, words
+
+
+def test_a_word_level_tokenizer(tmp_path, capsys, monkeypatch):
+    # the start token <s> (from config.json) before the prompt; continuations spaced as one decode
+    model, words = _word_level_model(tmp_path / "a", bos_id=1, eos_id=2)
+    assert gen.run(_generate_ns("--model", str(tmp_path / "a"), "--prompt", "w1 w2", "--temperature", "0",
+                                "--max-new-tokens", "4", "--no-stop", "--device", "cpu")) == 0
+    new = _greedy(model, [1, 4, 5], 4, eos=None)
+    assert capsys.readouterr().out == " ".join(["w1", "w2"] + [words[t] for t in new if t not in (1, 2)]) + "\n"
+    # no <s>: an empty prompt starts from the end-of-text token </s> (config.json's)
+    model, words = _word_level_model(tmp_path / "b", bos_id=None, eos_id=2)
+    assert gen.run(_generate_ns("--model", str(tmp_path / "b"), "--temperature", "0", "--max-new-tokens", "3",
+                                "--no-stop", "--device", "cpu")) == 0
+    new = _greedy(model, [2], 3, eos=None)
+    assert capsys.readouterr().out == " ".join(words[t] for t in new if t not in (1, 2)) + "\n"
+    # the tokenizer takes its special tokens from config.json
+    seen = []
+    monkeypatch.setattr(gen, "stream", lambda m, tok, *a, **kw: seen.append(tok) or [])
+    gen.run(_generate_ns("--model", str(tmp_path / "a")))
+    assert (seen[0].byte_level, seen[0].bos_id, seen[0].eos_id) == (False, 1, 2)
+
+
 # ---- main(): one line and an exit status for every kind of failure
 
 def test_main_turns_failures_into_one_line(monkeypatch, capsys):
@@ -301,6 +409,37 @@ def test_no_command_prints_help_and_usage_errors_are_one_line(capsys):
     assert err[-1] == "dsmoe: error: generate: argument --top-k: invalid int value: 'x'"
     assert main(["nonsense"]) == 2
     assert capsys.readouterr().err.splitlines()[-1].startswith("dsmoe: error: argument COMMAND: invalid choice: 'nonsense'")
+    # the usage goes with the error, to stderr: stdout may be a pipe of generated text
+    assert main(["generate", "--model", "m", "--top-k", "x"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("usage: dsmoe generate ")
+
+
+def test_errors_are_flushed_at_once(monkeypatch):
+    class Stderr(io.StringIO):
+        flushes = 0
+
+        def flush(self):
+            Stderr.flushes += 1
+
+    monkeypatch.setattr("sys.stderr", Stderr())
+    assert main(["train", "--lr", "nan", "--out", "x"]) == 2
+    assert Stderr.flushes >= 1 and "dsmoe: error: --lr" in sys.stderr.getvalue()
+
+
+def test_help_describes_every_command(capsys):
+    from dsmoe import cli
+
+    assert main(["--help"]) == 0
+    raw = capsys.readouterr().out
+    assert "DeepSeekMoE on fast fine-grained MoE operators." in raw.splitlines()
+    text = " ".join(raw.split())  # argparse wraps lines at the terminal's width
+    assert "DeepSeekMoE on fast fine-grained MoE operators." in text and "--version print the version and exit" in text
+    for name, (help_text, _) in cli.COMMANDS.items():
+        assert f"{name} {help_text}" in text
+    assert main(["info", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.startswith("usage: dsmoe info ") and cli.COMMANDS["info"][0] in text
 
 
 def test_only_the_named_command_is_imported(monkeypatch):
@@ -311,6 +450,9 @@ def test_only_the_named_command_is_imported(monkeypatch):
     monkeypatch.setattr(cli, "_module", lambda name: (loaded.append(name), real(name))[1])
     cli.build_parser(only="info")
     assert loaded == ["info"]
+    loaded.clear()
+    assert main(["info"]) == 0  # parses with the info command's options alone, then runs it
+    assert set(loaded) == {"info"}
     loaded.clear()
     cli.build_parser()
     assert loaded == list(cli.COMMANDS)

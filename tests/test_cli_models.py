@@ -28,6 +28,10 @@ def test_compared_architectures_layout(kw):
         assert (cfg["hidden_size"], cfg["num_hidden_layers"]) == (p["hidden_size"], p["num_layers"])
         assert cfg["num_attention_heads"] == cfg["num_key_value_heads"] == p["num_heads"]
         assert cfg["intermediate_size"] == 2 * ffn  # the dense FFN = 2 standard experts' worth
+        # the same fields for all three (they become config.json files; dense has no gating to
+        # normalise), sizes whole numbers
+        assert set(cfg) - {"norm_topk_prob"} == set(cfgs["dense"]) and "moe_intermediate_size" in cfg
+        assert all(type(cfg[k]) is int for k in ("intermediate_size", "moe_intermediate_size", "hidden_size"))
     dense, gshard, ds = cfgs["dense"], cfgs["gshard"], cfgs["deepseekmoe"]
     assert dense["n_routed_experts"] is None and dense["n_shared_experts"] is None and dense["num_experts_per_tok"] is None
     assert (gshard["n_routed_experts"], gshard["num_experts_per_tok"], gshard["moe_intermediate_size"]) == (n, 2, ffn)
@@ -78,9 +82,10 @@ def test_presets_and_config_files(tmp_path):
     cmp = models.make_config("compare-gshard", overrides={"aux_loss_alpha": 0.5})
     assert cmp.n_routed_experts == 16 and cmp.aux_loss_alpha == 0.5
     tiny.save_pretrained(tmp_path)
-    from_dir = models.make_config(config_path=str(tmp_path), overrides={"pad_token_id": None})
+    from_dir = models.make_config(config_path=str(tmp_path), overrides={"vocab_size": 512})
     from_file = models.make_config(config_path=str(tmp_path / "config.json"))
     assert from_dir.hidden_size == from_file.hidden_size == tiny.hidden_size
+    assert (from_dir.vocab_size, from_file.vocab_size) == (512, 300)  # the overrides apply to a file's config too
     assert models.make_config("tiny", config_path=str(tmp_path)).vocab_size == 300  # a file wins over a preset name
 
 
@@ -138,7 +143,8 @@ def test_load_model_and_its_refusals(tmp_path):
     assert refusal(tmp_path / "badjson") == f"--model: {tmp_path / 'badjson' / 'config.json'} must hold a JSON object, got list"
     (tmp_path / "noweights").mkdir()
     cfg.save_pretrained(tmp_path / "noweights")
-    assert refusal(tmp_path / "noweights").startswith(f"cannot load checkpoint {tmp_path / 'noweights'}: ")
+    assert refusal(tmp_path / "noweights") == (f"cannot load checkpoint {tmp_path / 'noweights'}: no model.safetensors "
+                                               f"or model.safetensors.index.json in {tmp_path / 'noweights'}")
 
 
 def test_first_line():
