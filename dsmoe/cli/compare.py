@@ -16,6 +16,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 from . import train
@@ -88,7 +89,9 @@ def _settings(ns: argparse.Namespace) -> dict:
             raise CLIError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(ns, name)}")
     check_number("--lr", ns.lr, low_open=True)
     check_seed("--seed", ns.seed)
-    check_seed("--seed", ns.seed + s["seeds"] - 1)
+    last = ns.seed + s["seeds"] - 1
+    if last > 2**63 - 1:
+        raise CLIError(f"--seed {ns.seed} with --seeds {s['seeds']}: the last run's seed would pass 2**63 - 1")
     return s
 
 
@@ -157,7 +160,14 @@ def run_one(job: dict) -> int:
     Path(job["log"]).parent.mkdir(parents=True, exist_ok=True)
     with open(job["log"], "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         with LoadRecorder(job["window"]) as rec:
-            code = train.run(job["ns"])
+            try:
+                code = train.run(job["ns"])
+            except CLIError as e:  # the run's refusal goes to its log, as `dsmoe train` words it
+                print(f"dsmoe: error: {e}", file=sys.stderr)
+                code = 2
+            except Exception:  # noqa: BLE001 (any failure of the run: its log says what, the comparison goes on)
+                traceback.print_exc()
+                code = 1
         if rec.windows and Path(job["ns"].out).is_dir():  # a stopped run's too, as far as it got
             write_json(Path(job["ns"].out) / "loads.json", {"window": rec.window, "windows": rec.windows})
     return code
@@ -180,12 +190,15 @@ def run(ns: argparse.Namespace) -> int:
 
     if ns.report is not None:
         return report(ns.report)
+    configs = compare_configs(ns.hidden_size, ns.num_layers, ns.num_heads, ns.ffn, ns.experts, ns.granularity, ns.shared)
     if ns.hidden_size % ns.num_heads or (ns.hidden_size // ns.num_heads) % 2:
         raise CLIError(f"--num-heads {ns.num_heads} must divide --hidden-size {ns.hidden_size} into even head sizes")
-    configs = compare_configs(ns.hidden_size, ns.num_layers, ns.num_heads, ns.ffn, ns.experts, ns.granularity, ns.shared)
     if ns.data is not None and not Path(ns.data).expanduser().exists():
         raise CLIError(f"--data: {ns.data} does not exist")
     s = _settings(ns)
+    limit = min(configs[name]["max_position_embeddings"] for name in ns.variants)
+    if ns.seq_len > limit:  # each run would refuse it, after the output directory was made
+        raise CLIError(f"--seq-len {ns.seq_len} exceeds the compared models' max_position_embeddings {limit}")
     sizes = {}
     for name in ns.variants:
         try:
@@ -310,7 +323,7 @@ def report(path: str) -> int:
     configs = {n: read_json(d / "configs" / f"{n}.json", "--report") for n in VARIANTS if (d / "configs" / f"{n}.json").is_file()}
     runs, args = [], None
     for name in configs:
-        for run_dir in sorted((d / name).glob("seed-*")):
+        for run_dir in sorted((d / name).glob("seed-*"), key=_seed_order):
             if not (run_dir / "train_args.json").is_file():
                 continue
             a = read_json(run_dir / "train_args.json", "--report")
@@ -338,6 +351,12 @@ def report(path: str) -> int:
     finally:
         claimed.release()
     return 0
+
+
+def _seed_order(run_dir: Path) -> tuple:
+    """seed-2 before seed-10 (the order `dsmoe compare` ran them in); other names after, by name."""
+    number = run_dir.name.removeprefix("seed-")
+    return (0, int(number), "") if number.isdigit() else (1, 0, run_dir.name)
 
 
 def _run_parallel(jobs: list[dict], n: int, bar) -> list[int]:
@@ -556,11 +575,11 @@ def _report(results: dict) -> None:
         if g["n"]:
             ci = f"± {g['ci95']:.4f}" if g["ci95"] is not None else "(one seed: no interval)"
             print(f"  {LABELS[a]} − {LABELS[b]} = {g['gap']:+.4f} {ci} (seed spread {g['seed_spread']:.4f}, "
-                  f"{g['n']} seeds): {g['verdict']}")
+                  f"{g['n']} seed{'s' if g['n'] != 1 else ''}): {g['verdict']}")
         else:
             print(f"  {LABELS[a]} − {LABELS[b]}: no seed finished for both")
-        print(f"    over training: {results['crossings'][key]['note']}; gap (seeds) at step "
-              + ", ".join(f"{t['step']}: {t['gap']:+.3f} ({t['n']})" for t in _thin(g["trend"], 8)))
+        trend = ", ".join(f"{t['step']}: {t['gap']:+.3f} ({t['n']})" for t in _thin(g["trend"], 8))
+        print(f"    over training: {results['crossings'][key]['note']}" + (f"; gap (seeds) at step {trend}" if trend else ""))
     took = f" in {results['elapsed_s']:.0f}s in all" if results.get("elapsed_s") is not None else ""
     print(f"\n{results['settings']['tokens_per_run']:,} tokens per run{took}. "
           "The paper's ranking (DeepSeekMoE < GShard < Dense at equal activated FLOPs) needs enough tokens for "
@@ -616,7 +635,8 @@ def plot_curves(results: dict, path: Path) -> None:
     ax.set_ylabel("validation cross entropy (nats / token)")
     ax.set_title("validation loss: mean, band = min..max of seeds", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.lines:  # (no run reached an evaluation: no legend to draw)
+        ax.legend(fontsize=8)
     ax2.set_xlabel("step")
     ax2.set_ylabel("balance loss (sum over layers)")
     ax2.set_title("expert-level balance loss (train, mean of seeds)")
