@@ -66,7 +66,17 @@ else
     cli/data) tests=(tests/test_cli_data.py) ;;
     cli/models) tests=(tests/test_cli_models.py tests/test_cli_data.py) ;;
     cli/generate) tests=(tests/test_cli_generate.py) ;;
-    cli/__init__) tests=(tests/test_cli_generate.py) ;;
+    cli/__init__) tests=(tests/test_cli_generate.py tests/test_cli.py) ;;
+    cli/experts) tests=(tests/test_cli_experts.py) ;;
+    cli/compare) tests=(tests/test_cli_compare_units.py) ;;
+    cli/bench|cli/info) tests=(tests/test_cli_bench_info.py) ;;
+    cli/distributed/launch) tests=(tests/test_distributed_cli_single.py) ;;
+    cli/distributed/options) tests=(tests/test_distributed_cli_single.py tests/test_cli_train.py) ;;
+    # one-rank process groups in-process; what needs several ranks (tests/test_distributed.py starts
+    # them as processes, which mutmut's per-test selection cannot see) is for tools/mutation_rerun.sh
+    distributed/mesh|distributed/comm|cli/distributed/training) tests=(tests/test_distributed_single.py) ;;
+    distributed/checkpoint|distributed/expert_parallel|distributed/fsdp)
+      tests=(tests/test_distributed_checkpoint_single.py tests/test_distributed_single.py) ;;
     # the plain-PyTorch oracle: the ops tests compare the kernels with it, test_ops_reference it with the seeds
     reference) tests=(tests/test_ops_reference.py tests/test_ops_gate.py tests/test_ops_gemm.py tests/test_ops_permute.py tests/test_model.py tests/test_losses_formulas.py) ;;
     *) echo "no default tests for $mod: pass pytest arguments" >&2; exit 2 ;;

@@ -104,11 +104,11 @@ def save(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optim
     if optim_sd is not None:
         state["optim"] = optim_sd
     if main:
-        path.mkdir(parents=True, exist_ok=True)
+        _start_writing(path)
     if use_dist:
         dist.barrier()
     with _single_process_ok(not use_dist):
-        dcp.save(state, checkpoint_id=str(path), no_dist=not use_dist)
+        dcp.save(state, storage_writer=_writer(path), no_dist=not use_dist)
     if main:
         mesh = getattr(model, "_dsmoe_mesh", None) if use_dist else None
         meta = {
@@ -124,6 +124,22 @@ def save(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optim
     if use_dist:
         dist.barrier()
     return path
+
+
+def _start_writing(path: Path) -> None:
+    """The folder made, and an earlier checkpoint in it removed, its marker first: while the
+    shards are being written the folder must not claim to hold a complete checkpoint, and no
+    shard of another rank count may stay behind."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / DCP_META_NAME).unlink(missing_ok=True)
+    (path / ".metadata").unlink(missing_ok=True)
+    for shard in path.glob("*.distcp"):
+        shard.unlink()
+
+
+def _writer(path: Path):
+    # (explicit: torch announced that its default will stop saving over a checkpoint)
+    return dcp.FileSystemWriter(str(path), overwrite=True)
 
 
 def _write_meta(path: Path, meta: Dict[str, Any]) -> None:
@@ -217,9 +233,9 @@ def hf_to_dcp(hf_dir: PathLike, dcp_dir: PathLike, dtype: Optional[torch.dtype] 
 
     model = DeepSeekMoEForCausalLM.from_pretrained(hf_dir, dtype=dtype)
     dcp_dir = Path(dcp_dir)
-    dcp_dir.mkdir(parents=True, exist_ok=True)
+    _start_writing(dcp_dir)
     with _single_process_ok(True):
-        dcp.save({"model": model.state_dict()}, checkpoint_id=str(dcp_dir), no_dist=True)
+        dcp.save({"model": model.state_dict()}, storage_writer=_writer(dcp_dir), no_dist=True)
     model.config.save_pretrained(dcp_dir)
     meta = {"format": DCP_FORMAT, "version": DCP_VERSION, "world_size": 1, "mesh": {"dp": 1, "ep": 1},
             "has_optimizer": False, "extra": {"converted_from": str(hf_dir)}}
