@@ -199,7 +199,9 @@ def test_folders_made_as_needed_and_saved_over(tmp_path):
     assert not dckpt.is_dcp_checkpoint(nested)
     with pytest.raises(ValueError, match="is not a dsmoe DCP checkpoint"):
         dckpt.load_model(nested)
+    (nested / "__3_0.distcp").write_bytes(b"a shard of an earlier 4-rank save")
     dckpt.save(nested, other)
+    assert not (nested / "__3_0.distcp").exists()  # nothing of the earlier checkpoint stays
     dckpt.dcp_to_hf(nested, tmp_path / "hf")
     assert dckpt.hf_to_dcp(tmp_path / "hf", tmp_path / "x" / "y") == tmp_path / "x" / "y"
     (tmp_path / "z").mkdir()
