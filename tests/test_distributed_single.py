@@ -39,7 +39,8 @@ def one_rank():
     ((6, 6, 1), (6, 1)), ((6, 1, 6), (1, 6)),
 ])
 def test_resolve_dims(args, dims):
-    assert mesh.resolve_dims(*args) == dims
+    got = mesh.resolve_dims(*args)
+    assert got == dims and all(type(n) is int for n in got)  # sizes of a mesh: whole numbers
 
 
 @pytest.mark.parametrize("args, message", [
@@ -163,6 +164,15 @@ def test_environment(monkeypatch):
         mesh.shutdown()
 
 
+def test_setup_from_env_passes_everything_on(monkeypatch):
+    seen = []
+    monkeypatch.setattr(mesh, "init_distributed", lambda *a, **kw: seen.append((a, kw)) or "ctx")
+    for k, v in (("WORLD_SIZE", "4"), ("RANK", "2"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "9")):
+        monkeypatch.setenv(k, v)
+    assert mesh.setup_from_env(ep=2, dp=2, device="cpu", timeout_s=7) == "ctx"
+    assert seen == [((2, 4), dict(local_rank=1, dp=2, ep=2, device="cpu", timeout_s=7, init_method="env://"))]
+
+
 # ---- the token exchange
 
 def test_all_to_all_on_one_rank(one_rank):
@@ -206,6 +216,31 @@ def test_sent_bytes_count_rows_to_other_ranks(monkeypatch):
     assert comm.CommStats.sent_bytes == (2 + 2) * 4 * 2 * 2 and comm.CommStats.calls == 1
     comm.CommStats._add(torch.zeros(3, dtype=torch.int64), [1, 1, 1], group=None)
     assert comm.CommStats.sent_bytes == 64 + 2 * 8 and comm.CommStats.calls == 2
+    comm.CommStats.reset()
+
+
+def test_a_subgroup_is_used_for_every_call(monkeypatch):
+    """As global rank 5, rank 1 of a 3-rank expert group: every rank, size and exchange is the
+    group's (an expert group is a subgroup when dp > 1)."""
+    group, calls = object(), []
+    monkeypatch.setattr(comm.dist, "get_rank", lambda g=None: 1 if g is group else 5)
+    monkeypatch.setattr(comm.dist, "get_world_size", lambda g=None: 3 if g is group else 6)
+
+    def exchange(out, x, output_splits=None, input_splits=None, group=None):
+        calls.append((output_splits, input_splits, group))
+        out.copy_(x[: out.shape[0]] if out.shape[0] <= x.shape[0] else out)
+
+    monkeypatch.setattr(comm.dist, "all_to_all_single", exchange)
+    comm.CommStats.reset()
+    counts = torch.tensor([[1, 2], [3, 4], [5, 6]])
+    assert torch.equal(comm.exchange_counts(counts, group=group), counts)
+    # one count row to each of the two other ranks of the group
+    assert calls == [(None, None, group)] and comm.CommStats.sent_bytes == 2 * 2 * 8
+    x = torch.zeros(6, 4, requires_grad=True)
+    comm.all_to_all(x, [2, 2, 2], [1, 4, 1], group=group).sum().backward()
+    assert calls[1:] == [([2, 2, 2], [1, 4, 1], group), ([1, 4, 1], [2, 2, 2], group)]
+    # rows to ranks 0 and 2 of the group (not to global rank 1): (1 + 1) forward, (2 + 2) back
+    assert comm.CommStats.sent_bytes == 32 + (1 + 1) * 16 + (2 + 2) * 16 and comm.CommStats.calls == 3
     comm.CommStats.reset()
 
 
