@@ -164,6 +164,47 @@ def test_environment(monkeypatch):
         mesh.shutdown()
 
 
+def test_init_distributed_and_make_mesh_with_stand_ins(monkeypatch):
+    """Four ranks (stand-ins for torch.distributed, the mesh and CUDA): the process group's
+    arguments, the mesh's shape and device type, and the CUDA device a local rank takes."""
+    import datetime
+    import types
+
+    groups, meshes, devices = [], [], []
+    monkeypatch.setattr(mesh.dist, "is_initialized", lambda: bool(groups))
+    monkeypatch.setattr(mesh.dist, "init_process_group", lambda backend, **kw: groups.append((backend, kw)))
+    monkeypatch.setattr(mesh.dist, "get_world_size", lambda: 4)
+    monkeypatch.setattr(mesh.dist, "get_rank", lambda: 2)
+    monkeypatch.setattr(mesh.dist, "get_backend", lambda: groups[-1][0])
+    monkeypatch.setattr(mesh, "init_device_mesh", lambda *a, **kw: meshes.append((a, kw)) or "mesh")
+    ctx = mesh.init_distributed(2, 4, dp=2, device="cpu", timeout_s=9, init_method="tcp://h:1")
+    assert groups == [("gloo", dict(init_method="tcp://h:1", rank=2, world_size=4,
+                                     timeout=datetime.timedelta(seconds=9), device_id=None))]
+    assert meshes == [(("cpu", (2, 2)), dict(mesh_dim_names=("dp", "ep")))]
+    assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.device, ctx.mesh, ctx.dp, ctx.ep) == (
+        2, 4, 2, torch.device("cpu"), "mesh", 2, 2)
+    # make_mesh on its own: one size given, the other from the world; the device type from the backend
+    meshes.clear()
+    mesh.make_mesh(dp=2)
+    mesh.make_mesh(ep=4)
+    groups.append(("nccl", {}))
+    mesh.make_mesh(dp=1, ep=4)
+    assert meshes == [(("cpu", (2, 2)), dict(mesh_dim_names=("dp", "ep"))),
+                      (("cpu", (1, 4)), dict(mesh_dim_names=("dp", "ep"))),
+                      (("cuda", (1, 4)), dict(mesh_dim_names=("dp", "ep")))]
+    assert mesh.mesh_dims(types.SimpleNamespace(mesh_dim_names=("dp", "ep"), size=lambda i: (2, 3)[i])) == (2, 3)
+    # on GPUs (device None: CUDA when there is one): local rank 3 of 2 GPUs per node takes cuda:1
+    groups.clear()
+    meshes.clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: devices.append(d))
+    ctx = mesh.init_distributed(2, 4, local_rank=3, ep=4)
+    assert devices == [torch.device("cuda", 1)] and ctx.device == torch.device("cuda", 1)
+    assert groups[0][0] == "nccl" and groups[0][1]["device_id"] == torch.device("cuda", 1)
+    assert meshes == [(("cuda", (1, 4)), dict(mesh_dim_names=("dp", "ep")))]
+
+
 def test_setup_from_env_passes_everything_on(monkeypatch):
     seen = []
     monkeypatch.setattr(mesh, "init_distributed", lambda *a, **kw: seen.append((a, kw)) or "ctx")
