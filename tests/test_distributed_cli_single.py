@@ -152,6 +152,25 @@ def test_first_interrupt_asks_to_save_second_stops(monkeypatch, capsys):
     # none: the processes' own status
     monkeypatch.setattr(launch_mod.subprocess, "Popen", popen_with([7]))
     assert launch_mod.launch(2, ["train"]) == 7
+    # what runs: `python -m dsmoe ...` under torchrun; the stop file is recognisably dsmoe's
+    commands = []
+    monkeypatch.setattr(launch_mod.subprocess, "Popen", lambda cmd, env=None, **kw: (
+        commands.append((cmd, env[launch_mod.STOP_FILE_ENV], kw)), Proc([0]))[1])
+    assert launch_mod.launch(3, ["generate", "--x"]) == 0
+    (cmd, stop_file, kw), = commands
+    assert cmd[-4:] == ["-m", "dsmoe", "generate", "--x"] and "--nproc-per-node=3" in cmd
+    assert os.path.basename(stop_file).startswith("dsmoe-stop-") and kw == {"start_new_session": True}
+    # the notice is flushed at once (stderr may be a pipe the launcher's caller reads)
+    flushed = []
+
+    class Stderr(io.StringIO):
+        def flush(self):
+            flushed.append(self.getvalue())
+
+    monkeypatch.setattr(launch_mod.sys, "stderr", Stderr())
+    monkeypatch.setattr(launch_mod.subprocess, "Popen", popen_with([KeyboardInterrupt(), 0]))
+    assert launch_mod.launch(2, ["train"]) == 130
+    assert flushed and "interrupt: the processes finish this step" in flushed[0]
 
 
 # ---- options
