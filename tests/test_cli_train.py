@@ -757,3 +757,40 @@ def test_a_config_file_gets_the_byte_vocabulary_and_the_full_context(corpus, tmp
     assert (t.config.vocab_size, t.config.bos_token_id, t.config.eos_token_id, t.config.pad_token_id) == \
         (259, 256, 257, None)
     assert 0 <= t.data_load_s < 60
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_resuming_in_place_a_run_of_an_older_dsmoe_with_leftovers(one_run, capsys):
+    """In place (no --out): what killed saves left is cleaned and said; a run without run.json
+    (written by a dsmoe before run ids) gets one, keeping the id its checkpoints carry; the
+    resume line says nothing of a new directory."""
+    import json
+
+    from dsmoe.cli import main
+
+    _, run, _ = one_run
+    ck = sorted((run / "checkpoints").glob("step-*"))[-1]
+    state = json.loads((ck / "trainer_state.json").read_text())
+    (run / "run.json").unlink()
+    (run / "checkpoints" / "step-000009.tmp-ab12").mkdir()
+    (run / ".model.safetensors.saving-x1").write_bytes(b"half")
+    assert main(["train", "--resume", str(ck), "--steps", str(state["step"] + 1), "--sample-tokens", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"{run}: removed the unfinished .model.safetensors.saving-x1 (left by a save that was stopped)" in lines
+    assert f"{run}: removed the unfinished step-000009.tmp-ab12 (left by a save that was stopped)" in lines
+    assert f"resuming from {ck} at step {state['step']}" in lines
+    info = json.loads((run / "run.json").read_text())
+    assert info["run_id"] == state["run_id"] and info["branched_from"] is None
+    assert not (run / "checkpoints" / "step-000009.tmp-ab12").exists()
+
+
+def test_a_new_run_publishes_its_config_under_its_name(corpus, tmp_path, monkeypatch):
+    labels = []
+    real = train_mod.ckpt.publish_files
+    monkeypatch.setattr(train_mod.ckpt, "publish_files", lambda d, write, label: (labels.append(label),
+                                                                                  real(d, write, label))[1])
+    code, _ = _train_quietly(*TINY, "--data", str(corpus), "--out", str(tmp_path / "r"), "--steps", "1",
+                             "--sample-tokens", "0", "--impl", "reference")
+    assert code == 0 and labels[0] == "the run's config"  # how a failure to write it is reported
+    a = _resolve(*TINY, "--data", str(corpus), "--impl", "reference")
+    assert train_mod.Trainer(a, None, None, progress=False).model.moe_impl == "reference"

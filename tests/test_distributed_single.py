@@ -187,10 +187,12 @@ def test_init_distributed_and_make_mesh_with_stand_ins(monkeypatch):
     meshes.clear()
     mesh.make_mesh(dp=2)
     mesh.make_mesh(ep=4)
+    mesh.make_mesh(ep=2)
     groups.append(("nccl", {}))
     mesh.make_mesh(dp=1, ep=4)
     assert meshes == [(("cpu", (2, 2)), dict(mesh_dim_names=("dp", "ep"))),
                       (("cpu", (1, 4)), dict(mesh_dim_names=("dp", "ep"))),
+                      (("cpu", (2, 2)), dict(mesh_dim_names=("dp", "ep"))),
                       (("cuda", (1, 4)), dict(mesh_dim_names=("dp", "ep")))]
     assert mesh.mesh_dims(types.SimpleNamespace(mesh_dim_names=("dp", "ep"), size=lambda i: (2, 3)[i])) == (2, 3)
     # on GPUs (device None: CUDA when there is one): local rank 3 of 2 GPUs per node takes cuda:1
