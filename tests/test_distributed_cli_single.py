@@ -189,6 +189,26 @@ def test_argv_from_namespace_skips_defaults_and_the_launcher_option():
     assert options.argv_from_namespace(_train_ns(), train_mod.add_arguments) == []
 
 
+def test_argv_from_namespace_of_fewer_options_and_aliases():
+    def add(p):
+        p.add_argument("-n", "--num", type=int)
+        p.add_argument("--name")
+        p.add_argument("--nproc", type=int)
+
+    # the long form of an option with a short alias; options the namespace lacks are unset
+    assert options.argv_from_namespace(argparse.Namespace(num=3), add) == ["--num", "3"]
+
+
+def test_maybe_launch_defaults(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    calls = []
+    monkeypatch.setattr(options, "launch", lambda nproc, argv: calls.append((nproc, argv)) or 0)
+    assert options.maybe_launch(argparse.Namespace(), train_mod.add_arguments) is None  # a command without --nproc
+    assert options.join(argparse.Namespace()) is None
+    assert options.maybe_launch(_train_ns("--nproc", "1"), train_mod.add_arguments) == 0  # one process is allowed
+    assert calls == [(1, ["train"])]  # the command defaults to train
+
+
 def test_maybe_launch(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     calls = []
