@@ -207,6 +207,8 @@ def test_maybe_launch_defaults(monkeypatch):
     assert options.join(argparse.Namespace()) is None
     assert options.maybe_launch(_train_ns("--nproc", "1"), train_mod.add_arguments) == 0  # one process is allowed
     assert calls == [(1, ["train"])]  # the command defaults to train
+    assert options.maybe_launch(argparse.Namespace(nproc=2), lambda p: None) == 0  # a command without --ep
+    assert calls[-1] == (2, ["train"])
 
 
 def test_maybe_launch(monkeypatch):
