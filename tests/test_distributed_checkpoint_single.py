@@ -248,3 +248,18 @@ def test_conversion_shards_and_dtype(tmp_path, capsys):
         with pytest.raises(SystemExit):
             dckpt.main(argv)
     assert "usage: python -m dsmoe.distributed.checkpoint" in capsys.readouterr().err
+
+
+def test_an_empty_optimizer_over_parameters_with_gradients_gets_the_moments(tmp_path):
+    # torch's loader would take such an optimizer for a stateless one and drop the saved moments
+    model = _model()
+    opt = _stepped(model)
+    dckpt.save(tmp_path / "c", model, opt)
+    other = _model(seed=1)
+    ids = torch.randint(0, other.config.vocab_size, (2, 6))
+    other(ids, labels=ids).loss.backward()  # gradients pending
+    fresh = torch.optim.AdamW(other.parameters(), lr=1e-2)
+    dckpt.load(tmp_path / "c", other, fresh)
+    assert len(fresh.state) == len(opt.state) > 0
+    for a, b in zip(opt.state.values(), fresh.state.values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])

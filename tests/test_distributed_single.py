@@ -4,6 +4,7 @@ for what needs a process group, stand-ins for what needs more ranks. The multi-r
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -355,11 +356,45 @@ def test_distributed_training_on_one_rank(one_rank, tmp_path, monkeypatch):
     assert json.loads((path / "trainer_state.json").read_text()) == {"step": 2, "note": "x"}
     assert (path / "extra.txt").read_text() == "e" and dckpt.read_meta(path)["extra"] == {"step": 2}
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ck")) == ["ck"]
-    (tmp_path / "ck.tmp").mkdir()  # left by a killed save: replaced
-    (tmp_path / "ck.tmp" / "junk").write_text("j")
     run.save(tmp_path / "ck", wrapped, new_opt, {"step": 3})  # over an existing one: replaced whole
     assert json.loads((path / "trainer_state.json").read_text()) == {"step": 3} and not (path / "extra.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ck")) == ["ck"]
+    # the optimizer's state is in it: a fresh optimizer gets the moments back
+    fresh = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in new_opt.param_groups],
+                              lr=0.01)
+    assert run.load(path, wrapped, fresh)["has_optimizer"] is True
+    assert len(fresh.state) == len(new_opt.state) > 0
+    for p_new, p_fresh in zip(new_opt.state.values(), fresh.state.values()):
+        assert torch.equal(p_new["exp_avg"], p_fresh["exp_avg"])
+
+    # killed between its two renames: the checkpoint is only at step-N.old-<tag>; resuming the
+    # run (dsmoe.cli.checkpoint.clean_partial_saves) puts it back; a killed save's .tmp-<tag> goes
+    from dsmoe.cli import checkpoint as cli_ckpt
+
+    step = tmp_path / "run" / "checkpoints" / "step-000004"
+    run.save(step, wrapped, new_opt, {"step": 4})
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(Path(dst).name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the second rename never happens
+        real_replace(src, dst)
+
+    import types
+
+    from dsmoe.cli.distributed import training as training_mod
+
+    monkeypatch.setattr(training_mod, "os", types.SimpleNamespace(replace=replace))  # the save's renames only
+    with pytest.raises(KeyboardInterrupt):
+        run.save(step, wrapped, new_opt, {"step": 4, "again": True})
+    monkeypatch.undo()
+    left = sorted(p.name for p in step.parent.iterdir())
+    assert len(left) == 2 and left[0].startswith("step-000004.old-") and left[1].startswith("step-000004.tmp-")
+    assert left[0].split("-")[-1] == left[1].split("-")[-1] == calls[0].split("-")[-1]  # one tag per save
+    done = cli_ckpt.clean_partial_saves(tmp_path / "run")
+    assert sorted(p.name for p in step.parent.iterdir()) == ["step-000004"] and len(done) == 2
+    assert json.loads((step / "trainer_state.json").read_text()) == {"step": 4}  # the complete one
 
     plain = run.export_hf(wrapped, tmp_path / "hf")
     loaded = DeepSeekMoEForCausalLM.from_pretrained(tmp_path / "hf")

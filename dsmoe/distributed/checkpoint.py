@@ -160,6 +160,11 @@ def load(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optim
     meta = read_meta(path)
     if optimizer is not None and not meta.get("has_optimizer"):
         optimizer = None  # saved before the first step (or model only): the optimizer stays fresh
+    if optimizer is not None and not optimizer.state:
+        # torch builds an empty optimizer's state with a zero-gradient step before loading into
+        # it, but skips that (taking it for a stateless optimizer) when a parameter holds a
+        # gradient: the saved moments would be dropped without a word
+        model.zero_grad(set_to_none=True)
     model_sd, optim_sd = _state_dicts(model, optimizer)
     state: Dict[str, Any] = {"model": model_sd}
     if optim_sd is not None:
@@ -171,6 +176,8 @@ def load(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optim
         raise ValueError(f"DCP checkpoint {path} does not match the model: {_first_line(e)}") from None
     if optim_sd is not None:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if not optimizer.state:
+            raise ValueError(f"DCP checkpoint {path}: its optimizer state did not reach the optimizer")
     else:
         set_model_state_dict(model, state["model"])
     return meta

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -147,16 +148,17 @@ class DistributedTraining:
     def save(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: Dict[str, Any],
              extra_files=None) -> Path:
         """A DCP checkpoint of model and optimizer in ``path`` plus ``trainer_state.json``
-        (``state``, written by rank 0), built in ``<path>.tmp``, fsynced and renamed when
-        complete; a checkpoint already at ``path`` is moved aside first and removed only after
-        the new one is in place: a crash leaves a complete checkpoint at ``path`` (or, in the
-        instant between the two renames, at ``<path>.old``), never a half-written one.
-        ``extra_files(dir)``, if given, runs on rank 0 to add files (tokenizer, RNG state)."""
+        (``state``, written by rank 0), built in ``<path>.tmp-<tag>``, fsynced and renamed when
+        complete; a checkpoint already at ``path`` is moved aside (``<path>.old-<tag>``) first
+        and removed only after the new one is in place: a crash leaves a complete checkpoint at
+        ``path`` or, in the instant between the two renames, at ``<path>.old-<tag>``, never a
+        half-written one. The names are those :func:`dsmoe.cli.checkpoint.clean_partial_saves`
+        knows: resuming the run removes what a killed save left and puts a moved-aside
+        checkpoint back. ``extra_files(dir)``, if given, runs on rank 0 to add files
+        (tokenizer, RNG state)."""
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        if self.is_main and tmp.exists():
-            shutil.rmtree(tmp)
-        dist.barrier()
+        tag = self.broadcast(secrets.token_hex(6) if self.is_main else None)  # one name on every rank
+        tmp, old = (path.with_name(f"{path.name}.{kind}-{tag}") for kind in ("tmp", "old"))
         dcp_ckpt.save(tmp, model, optimizer, extra={"step": state.get("step")})
         dist.barrier()  # every rank's shards are written
         if self.is_main:
@@ -164,10 +166,7 @@ class DistributedTraining:
             if extra_files is not None:
                 extra_files(tmp)
             fsync_tree(tmp)
-            old = path.with_name(path.name + ".old")
             if path.exists():
-                if old.exists():
-                    shutil.rmtree(old)
                 os.replace(path, old)
             os.replace(tmp, path)
             fsync_dir(path.parent)
