@@ -429,3 +429,16 @@ def test_experts_must_split_over_ep():
     run.check_config(dsmoe.get_preset("tiny", n_routed_experts=8))
     with pytest.raises(ValueError, match="n_routed_experts=6 is not divisible by ep=4"):
         run.check_config(dsmoe.get_preset("tiny", n_routed_experts=6))
+
+
+def test_distributed_training_from_the_environment(monkeypatch):
+    from dsmoe.cli.distributed import training as training_mod
+
+    calls, ctx = [], object()
+    monkeypatch.setattr(training_mod, "setup_from_env", lambda **kw: calls.append(kw) or ctx)
+    run = training_mod.DistributedTraining.from_env(ep=2, device="cpu", timeout_s=5)
+    assert isinstance(run, training_mod.DistributedTraining) and run.ctx is ctx
+    training_mod.DistributedTraining.from_env()
+    assert calls == [dict(ep=2, device="cpu", timeout_s=5), dict(ep=None, device=None, timeout_s=1800.0)]
+    monkeypatch.setattr(training_mod, "setup_from_env", lambda **kw: None)  # not launched distributed
+    assert training_mod.DistributedTraining.from_env() is None
