@@ -700,6 +700,12 @@ def test_resuming_a_checkpoint_of_other_parameters_is_refused(corpus, tmp_path):
     with pytest.raises(CLIError) as e:
         train_mod.Trainer({**a, "steps": 4}, None, ck, progress=False, saved=saved)
     assert str(e.value).startswith(f"checkpoint {ck}: bad optimizer state (")
+    # saved by a run that did not fuse (e.g. sharded): this run's choice wins; --impl is this run's
+    saved = train_mod.ckpt.load_training_state(ck)
+    for g in saved[1]["param_groups"]:
+        g["fused"] = None
+    t = train_mod.Trainer({**a, "steps": 4, "impl": "reference"}, None, ck, progress=False, saved=saved)
+    assert all(g["fused"] is True for g in t.optimizer.param_groups) and t.model.moe_impl == "reference"
 
 
 def test_trainer_refuses_bf16_on_a_gpu_without_it(corpus, monkeypatch):
