@@ -442,3 +442,102 @@ def test_distributed_training_from_the_environment(monkeypatch):
     assert calls == [dict(ep=2, device="cpu", timeout_s=5), dict(ep=None, device=None, timeout_s=1800.0)]
     monkeypatch.setattr(training_mod, "setup_from_env", lambda **kw: None)  # not launched distributed
     assert training_mod.DistributedTraining.from_env() is None
+
+
+# ---- FSDP helpers that need no second rank
+
+def test_expert_placement():
+    from torch.distributed.tensor import Shard
+
+    from dsmoe.distributed.fsdp import _expert_placement
+
+    # 4 local experts over dp=2: split the experts; 3 experts: split each matrix's rows
+    assert _expert_placement(2)(torch.empty(4, 6, 8)) == Shard(0)
+    assert _expert_placement(2)(torch.empty(3, 6, 5)) == Shard(1)
+    assert _expert_placement(3)(torch.empty(6, 4, 8)) == Shard(0)
+    with pytest.raises(ValueError) as e:
+        _expert_placement(2)(torch.empty(3, 5, 8))
+    assert str(e.value) == ("cannot shard the experts over dp=2: neither the 3 local experts nor the 5 rows of each "
+                            "expert matrix divide evenly")
+
+
+def test_expert_placement_of_a_sharded_parameter(one_rank):
+    from torch.distributed.tensor import DTensor, Shard
+
+    from dsmoe.distributed.fsdp import _expert_placement, _mesh_key
+
+    ep = one_rank.mesh["ep"]
+    w = DTensor.from_local(torch.empty(3, 4, 6), ep, [Shard(0)], run_check=False)
+    # the experts of this rank's block (3) decide; with 2 they do not split, the 4 rows do
+    assert _expert_placement(2)(w) == Shard(1) and _expert_placement(3)(w) == Shard(0)
+    assert _mesh_key(w) is ep and _mesh_key(torch.empty(1)) is None
+
+
+def test_grad_norm_and_clipping_against_torch():
+    from dsmoe.distributed.fsdp import clip_grad_norm_, grad_norm
+
+    torch.manual_seed(0)
+
+    def params():
+        ps = [torch.nn.Parameter(torch.randn(3, 4)) for _ in range(3)] + [torch.nn.Parameter(torch.randn(2))]
+        for p in ps[:3]:
+            p.grad = torch.randn_like(p) * 3
+        return ps  # the last without a gradient
+
+    for norm_type in (2.0, 1.0, 3.0, float("inf")):
+        a, b = params(), params()
+        for x, y in zip(a, b):
+            y.data.copy_(x.data)
+            if x.grad is not None:
+                y.grad = x.grad.clone()
+        grads = [p.grad for p in a if p.grad is not None]
+        want = (max(g.abs().max() for g in grads) if norm_type == float("inf")
+                else sum((g.abs() ** norm_type).sum() for g in grads) ** (1 / norm_type))
+        assert grad_norm(a, norm_type) == pytest.approx(float(want), rel=1e-5)
+        total = clip_grad_norm_(a, 1.5, norm_type)
+        expected = torch.nn.utils.clip_grad_norm_(b, 1.5, norm_type)
+        assert float(total) == pytest.approx(float(expected), rel=1e-5)
+        for x, y in zip(a, b):
+            assert (x.grad is None) == (y.grad is None) and (x.grad is None or torch.allclose(x.grad, y.grad))
+    ps = params()
+    assert float(grad_norm(ps)) == pytest.approx(float(torch.nn.utils.get_total_norm([p.grad for p in ps[:3]])))
+    single = torch.nn.Parameter(torch.zeros(2))
+    single.grad = torch.tensor([3.0, 4.0])
+    assert float(grad_norm(single)) == pytest.approx(5.0)  # one tensor, the default 2-norm
+    assert float(clip_grad_norm_(single, 10.0)) == pytest.approx(5.0) and torch.equal(single.grad, torch.tensor([3.0, 4.0]))
+    assert float(clip_grad_norm_(single, 5.0)) == pytest.approx(5.0)  # at the limit: the same coefficient as torch
+    assert single.grad.tolist() == pytest.approx([3.0 * 5 / (5 + 1e-6), 4.0 * 5 / (5 + 1e-6)])
+    none = torch.nn.Parameter(torch.zeros(2))
+    assert grad_norm([none]).shape == () and float(grad_norm([none])) == 0.0
+
+
+def test_redistribute_warnings_are_quiet_only_inside():
+    import logging
+
+    from dsmoe.distributed.fsdp import _quiet_redistribute
+
+    log = logging.getLogger("torch.distributed.tensor._redistribute")
+    before = log.level
+    with _quiet_redistribute():
+        assert log.level == logging.ERROR
+    assert log.level == before
+
+
+def test_unwrapped_copy_of_a_plain_model():
+    import dsmoe
+    from dsmoe.distributed.fsdp import full_state_dict, unwrapped_copy
+    from dsmoe.model import DeepSeekMoEForCausalLM
+
+    torch.manual_seed(0)
+    for tie in (False, True):
+        model = DeepSeekMoEForCausalLM(dsmoe.get_preset("tiny", tie_word_embeddings=tie), moe_impl="reference")
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        model.eval()
+        copy = unwrapped_copy(model, state)
+        assert not copy.training and copy.moe_impl == "dsmoe"  # the model's mode; the fast path
+        assert all(torch.equal(copy.state_dict()[k], v) for k, v in state.items())
+        assert (copy.lm_head.weight is copy.model.embed_tokens.weight) == tie
+        model.train()
+        assert unwrapped_copy(model, state).training
+        with pytest.raises(RuntimeError):  # strict: a missing weight is an error, not a random one
+            unwrapped_copy(model, {k: v for k, v in state.items() if k != "model.norm.weight"})
