@@ -8,6 +8,8 @@
 #   tools/mutation_rerun.sh cli/train "tests/test_cli_train.py" dsmoe.cli.train.x__train__mutmut_12 ...
 #   tools/mutation_rerun.sh cli/train "tests/test_cli_runs.py -k resume" $(cat names.txt)
 #
+# Processes the tests start (the torchrun ranks of tests/test_distributed*.py) inherit
+# MUTANT_UNDER_TEST and PYTHONPATH, so they run the mutant too.
 # Prints "<name>: killed (<first failure>)" or "<name>: survived" per mutant. The tests are
 # copied into the pass's scratch copy first (the pass copied them when it started).
 set -euo pipefail
