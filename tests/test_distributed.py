@@ -398,6 +398,7 @@ def test_sharded_checkpoint_loads_in_one_process(jobs, name):
     opt = make_optimizer(plain)
     meta = dckpt.load(out / name, plain, opt)
     assert meta["world_size"] == (2 if name == "ckpt_a" else 4)
+    assert meta["mesh"] == ({"dp": 1, "ep": 2} if name == "ckpt_a" else {"dp": 2, "ep": 2})  # the mesh that wrote it
     assert all(int(s["step"]) == meta["extra"]["step"] for s in opt.state_dict()["state"].values())
 
 
