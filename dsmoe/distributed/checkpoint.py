@@ -153,7 +153,8 @@ def load(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optim
     rank count wrote it; returns its dsmoe_dcp.json (a checkpoint without optimizer state
     leaves ``optimizer`` untouched: it was saved before the first step). A collective with ``distributed`` (default:
     whether torch.distributed is initialised); ``distributed=False`` loads a plain model in this
-    process alone."""
+    process alone. Loading optimizer state into an optimizer that has none yet drops the
+    parameters' pending gradients (they belong to the weights being replaced)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     use_dist = _use_dist(distributed)
