@@ -76,7 +76,10 @@ def test_ctrl_c_saves_a_checkpoint(runs):
     cmd = [sys.executable, "-m", "dsmoe", "train", *ARGS, "--steps", "1000", "--eval-every", "0", "--save-every", "0",
            "--data", str(runs / "data.txt"), "--out", str(out), "--nproc", "2"]
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        # as from a terminal: a test run started in the background (`cmd &` in a script) has
+        # SIGINT ignored, which the launcher would inherit and Python keep
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 180
         while "step     2/1000" not in log.read_text():
