@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 
@@ -144,6 +145,25 @@ def sanitize() -> None:
         raise SystemExit(1)
 
 
+def markdown_table(rows, device: str, args, argv, env) -> list[str]:
+    """The rows as a markdown table, under a line saying where and how they were measured."""
+    lines = [
+        f"{device}, {args.dtype}, {args.routing} routing, median of {args.reps} "
+        f"(command: python benchmarks/bench_grouped_gemm.py {' '.join(argv)}; env {env or '{}'})",
+        "",
+        "| shape | T | GEMM | M x N x K | dsmoe ms | _grouped_mm ms | dense ms | dsmoe TFLOP/s "
+        "| _grouped_mm TFLOP/s | dense TFLOP/s | vs _grouped_mm | % of dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['shape']} | {r['T']} | {r['gemm']} | {r['M']}x{r['N']}x{r['K']} | {r['dsmoe_ms']:.3f} "
+            f"| {r['gmm_ms']:.3f} | {r['dense_ms']:.3f} | {r['dsmoe_tflops']:.0f} | {r['gmm_tflops']:.0f} "
+            f"| {r['dense_tflops']:.0f} | {r['gmm_ms'] / r['dsmoe_ms']:.2f}x "
+            f"| {100 * r['dsmoe_tflops'] / r['dense_tflops']:.0f}% |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="ds16b,fine,ds145b", help=f"comma list of {','.join(SHAPES)}")
@@ -172,6 +192,7 @@ def main() -> None:
           f"{args.dtype}, routing {args.routing}, cuda_gemm_path {settings.cuda_gemm_path}, "
           f"cuda_gemm_tile {settings.cuda_gemm_tile}", flush=True)
 
+    env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("DSMOE_")}  # what chose the kernels
     rows = []
     for shape in args.shapes.split(","):
         h, inter, E, k = SHAPES[shape]
@@ -193,20 +214,7 @@ def main() -> None:
             del off
             torch.cuda.empty_cache()
 
-    lines = [
-        f"{torch.cuda.get_device_name()}, {args.dtype}, {args.routing} routing, median of {args.reps} "
-        f"(command: python benchmarks/bench_grouped_gemm.py {' '.join(sys.argv[1:])}; env {env or '{}'})",
-        "",
-        "| shape | T | GEMM | M x N x K | dsmoe ms | _grouped_mm ms | dense ms | dsmoe TFLOP/s "
-        "| _grouped_mm TFLOP/s | dense TFLOP/s | vs _grouped_mm | % of dense |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['shape']} | {r['T']} | {r['gemm']} | {r['M']}x{r['N']}x{r['K']} | {r['dsmoe_ms']:.3f} "
-            f"| {r['gmm_ms']:.3f} | {r['dense_ms']:.3f} | {r['dsmoe_tflops']:.0f} | {r['gmm_tflops']:.0f} "
-            f"| {r['dense_tflops']:.0f} | {r['gmm_ms'] / r['dsmoe_ms']:.2f}x "
-            f"| {100 * r['dsmoe_tflops'] / r['dense_tflops']:.0f}% |")
+    lines = markdown_table(rows, torch.cuda.get_device_name(), args, sys.argv[1:], env)
     print()
     print("\n".join(lines))
     if args.out:

@@ -1,28 +1,31 @@
 #!/usr/bin/env bash
-# The device calls that check dsmoe's CUDA kernels on a GPU machine, in two calls that each fit
-# ~450 s on a warm machine (a session gets ~15 device minutes, start-up included):
-#   PHASE=1  build in place with CUDA (the .so stays for the next call), then every CUDA test,
-#            test_cuda_* first, -v with durations, a stack dump of any test stuck past 120 s
-#   PHASE=2  compute-sanitizer memcheck, racecheck, initcheck and synccheck over every CUDA op
-#            (all grouped-GEMM paths, bf16/fp16/fp32, E up to 256, h >= 512), then the benchmarks
-#   PHASE=all (default) both in one call, for a machine with time to spare.
-# Logs and tables go to $OUT (at most 6 files); a summary is printed last. The SIMT emulator has
-# already run every kernel on the CPU in CI, so a failure here is a GPU-only matter (timing,
-# memory model, tensor cores); the -v output names the kernel and the case.
+# The device call that checks dsmoe's CUDA kernels on a GPU machine. A session gets ~15 device
+# minutes, start-up included, so one call of at most 600 s is all there is: PHASE=all (default)
+# does everything in order of what matters most, each step capped so the whole fits BUDGET:
+#   build     in place with CUDA, 16 jobs (the .so stays on the warm machine for a rerun)
+#   tests     every CUDA-marked test (test_cuda_*, test_simt_* and the op tests' cuda cases) in
+#             8 pytest-xdist workers, -rfE with durations, a stack dump of a test stuck past 120 s
+#   memcheck  compute-sanitizer memcheck over every CUDA op (all grouped-GEMM paths,
+#             bf16/fp16/fp32, E up to 256, h >= 512)
+#   bench     kernel timings (bench_cuda_ops) and the grouped GEMM against torch._grouped_mm and
+#             a dense cuBLAS GEMM (bench_grouped_gemm), markdown tables in bench.log
+#   sanitize  racecheck, synccheck and initcheck over the same ops, with what time is left
+# PHASE=1 (build tests) and PHASE=2 (memcheck bench sanitize, reusing PHASE=1's build) split it.
+# Logs go to $OUT (7 files at most: the device tool brings back 8); a summary is printed last.
+# The SIMT emulator has already run every kernel on the CPU in CI, so a failure here is a
+# GPU-only matter (timing, memory model, tensor cores); the logs name the kernel and the case.
 #
-# On the device tool, from the repository root, with the CUTLASS headers carried (the image has
-# torch, nvcc, ninja and pybind11, but no nvidia-cutlass and no network):
-#   here, once:  mkdir -p .cutlass && cp -r <venv>/lib/python3.11/site-packages/cutlass_library/source/include .cutlass/
-#                echo /.cutlass/ >> .git/info/exclude          (27 MB; the tree limit is 64 MiB)
-#   device run:  command "bash benchmarks/gpu_check.sh", carry [".cutlass"], timeout_s 600
-# CUTLASS_DIR (a folder holding include/cutlass/cutlass.h) overrides .cutlass; a wheel
-# wheels/nvidia_cutlass-4.2.0.0-*.whl (the pinned version; pip download nvidia-cutlass==4.2.0.0) is used
-# when neither exists.
+# On the device tool, from the repository root, with the CUTLASS and expecttest wheels carried
+# (the image has torch, nvcc, ninja, pybind11 and pytest-xdist, but neither of those and no network):
+#   here, once:  mkdir -p wheels && echo /wheels/ >> .git/info/exclude
+#                pip download --no-deps -d wheels nvidia-cutlass==4.2.0.0 expecttest
+#   device run:  command "bash benchmarks/gpu_check.sh", carry ["wheels"], timeout_s 600
+# CUTLASS_DIR (a folder holding include/cutlass/cutlass.h) or .cutlass/ (the headers copied
+# there) take the place of the nvidia-cutlass wheel.
 #
-# Environment: STEPS (default "build tests memcheck racecheck bench"), ARCHS (default 9.0a, the
-# H100/H200), JOBS (default: all cores), PYTHON (default python3), BENCH_TOKENS (default
-# "64 8192 32768"), BUDGET (default 570 s: every step stops by then, so the whole run fits a
-# 600 s device call; each step also has its own limit).
+# Environment: STEPS (default: the PHASE's), ARCHS (default 9.0a, the H100/H200), JOBS (default:
+# all cores), WORKERS (pytest-xdist workers, default 8), PYTHON (default python3), BUDGET
+# (default 570 s: every step stops by then, so the whole run fits a 600 s device call).
 set -uo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,8 +35,8 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 case "${PHASE:-all}" in
   1) default_steps="build tests" ;;
-  2) default_steps="sanitize bench" ;;
-  all) default_steps="build tests sanitize bench" ;;
+  2) default_steps="memcheck bench sanitize" ;;
+  all) default_steps="build tests memcheck bench sanitize" ;;
   *) echo "PHASE must be 1, 2 or all, got $PHASE" >&2; exit 2 ;;
 esac
 STEPS=${STEPS:-$default_steps}
@@ -73,55 +76,60 @@ step() {
 } >> "$summary" 2>&1
 cat "$summary"
 
-# CUTLASS headers for the grouped GEMM kernels.
+# Carried wheels (the CUTLASS headers, expecttest for opcheck), installed beside the image's packages.
+if ls "$root"/wheels/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/dsmoe-wheels "$root"/wheels/*.whl &&
+    export PYTHONPATH="$PYTHONPATH:/tmp/dsmoe-wheels" || note "warning: installing wheels/*.whl FAILED"
+fi
 if [ -z "${CUTLASS_DIR:-}" ] && [ -f "$root/.cutlass/include/cutlass/cutlass.h" ]; then
   export CUTLASS_DIR="$root/.cutlass"
 fi
-if [ -z "${CUTLASS_DIR:-}" ]; then
-  whl=$(ls "$root"/wheels/nvidia_cutlass-*.whl 2>/dev/null | head -n 1)
-  if [ -n "$whl" ]; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/dsmoe-cutlass "$whl" &&
-      export PYTHONPATH="$PYTHONPATH:/tmp/dsmoe-cutlass"
-  else
-    note "warning: no CUTLASS headers (.cutlass/, CUTLASS_DIR or wheels/): kernels that need them are not built"
-  fi
-fi
 [ -n "${CUTLASS_DIR:-}" ] && note "CUTLASS_DIR=$CUTLASS_DIR"
+"$PY" -c 'import cutlass_library' 2>/dev/null || [ -n "${CUTLASS_DIR:-}" ] ||
+  note "warning: no CUTLASS headers (wheels/, .cutlass/ or CUTLASS_DIR): kernels that need them are not built"
 
 # 1. Build in place (the tree that travels holds no _C*.so: *.so is git-ignored). PHASE=2 reuses
 #    the build that PHASE=1 left on the warm machine.
 built=0
 case " $STEPS " in *" build "*) ;; *) ls dsmoe/_C*.so >/dev/null 2>&1 || { note "no build from PHASE=1 on this machine"; built=1; } ;; esac
-[ $built -eq 0 ] && step build 270 env DSMOE_CUDA=1 TORCH_CUDA_ARCH_LIST="${ARCHS:-9.0a}" MAX_JOBS="${JOBS:-$(nproc)}" \
-  "$PY" setup.py build_ext --inplace
-[ $built -eq 0 ] && built=$?
+if [ $built -eq 0 ]; then
+  step build 270 env DSMOE_CUDA=1 TORCH_CUDA_ARCH_LIST="${ARCHS:-9.0a}" MAX_JOBS="${JOBS:-$(nproc)}" \
+    "$PY" setup.py build_ext --inplace || built=1
+fi
 if [ $built -eq 0 ]; then
   "$PY" -c 'import dsmoe, torch; i = dsmoe.build_info(); print("build_info", i); assert i["cuda"]' >> "$summary" 2>&1 ||
     { note "import of the build FAILED"; built=1; }
 fi
 
 if [ $built -eq 0 ]; then
-  # 2. Every CUDA-marked test: the CUDA test files first, then the op tests' cuda cases.
-  step tests 400 "$PY" -m pytest -v -p no:cacheprovider -m cuda -rfE --durations=20 \
-    -o faulthandler_timeout=120 tests/test_cuda_ops.py tests/test_cuda_grouped_gemm.py \
-    tests/test_simt_grouped_gemm.py tests
+  # 2. Every CUDA-marked test, in parallel workers (most cases are small; the CPU references dominate).
+  step tests 230 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rfE --durations=15 --continue-on-collection-errors \
+    -n "${WORKERS:-8}" -o faulthandler_timeout=120 tests
   # 3. compute-sanitizer over every CUDA op (no caching allocator, so each buffer is its own
-  #    allocation and an out-of-bounds access cannot land in a neighbour), four tools, one log.
-  sanitize_all() {
+  #    allocation and an out-of-bounds access cannot land in a neighbour).
+  #    Each tool gets TOOL_LIMIT seconds (initcheck is the slow one: it ran past 150 s on an H200).
+  sanitize_with() {
     local rc=0 tool
-    for tool in memcheck racecheck initcheck synccheck; do
+    for tool in "$@"; do
       echo "== compute-sanitizer --tool $tool"
-      PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool --error-exitcode 1 --print-limit 30 \
-        "$PY" benchmarks/bench_cuda_ops.py --sanitize --dtypes bf16,fp32 || { rc=1; echo "== $tool FAILED"; }
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${TOOL_LIMIT:-100}" compute-sanitizer --tool $tool \
+        --error-exitcode 1 --print-limit 10 "$PY" benchmarks/bench_cuda_ops.py --sanitize --dtypes bf16,fp32 ||
+        { rc=1; echo "== $tool FAILED"; }
     done
     return $rc
   }
-  export -f sanitize_all
+  export -f sanitize_with
   export PY
-  step sanitize 330 bash -c sanitize_all
-  # 4. Kernel timings (markdown tables).
-  step bench 100 "$PY" benchmarks/bench_cuda_ops.py --tokens ${BENCH_TOKENS:-64 8192 32768} --reps 30 \
-    --out "$OUT/bench_cuda_ops.md"
+  step memcheck 120 bash -c 'sanitize_with memcheck'
+  # 4. Timings (markdown tables): the memory-bound kernels, then the grouped GEMM against its peers.
+  bench_all() {
+    "$PY" benchmarks/bench_cuda_ops.py --tokens ${BENCH_TOKENS:-64 8192 32768} --reps 30
+    echo
+    "$PY" benchmarks/bench_grouped_gemm.py --shapes ds16b,fine,ds145b --tokens 8192,32768 --reps 10
+  }
+  export -f bench_all
+  step bench 110 bash -c bench_all
+  step sanitize 230 bash -c 'sanitize_with racecheck synccheck initcheck'
 else
   note "build failed: tests, sanitizers and benchmarks not run (see build.log)"
 fi
@@ -129,6 +137,7 @@ fi
 note "total: $(( $(date +%s) - t_start ))s"
 echo "== summary"
 cat "$summary"
-[ -f "$OUT/bench_cuda_ops.md" ] && { echo "== bench_cuda_ops.md"; cat "$OUT/bench_cuda_ops.md"; }
+[ -f "$OUT/tests.log" ] && { echo "== failed tests"; grep -E '^(FAILED|ERROR) ' "$OUT/tests.log" | head -n 80; }
+[ -f "$OUT/bench.log" ] && { echo "== bench.log (tables)"; grep -E '^(\||Device)' "$OUT/bench.log"; }
 grep -q "FAILED" "$summary" && exit 1
 exit 0

@@ -193,7 +193,7 @@ def test_gate_autograd_on_cuda(kern):
     gw, gs = torch.randn(T, k, dtype=torch.float64), torch.randn(S, E, dtype=torch.float64)
     grads = []
     for dev in ("cpu", "cuda"):
-        x = logits.to(dev).requires_grad_()
+        x = logits.to(dev).detach().requires_grad_()  # a fresh leaf on each device
         w, _, _, sums = ops.gate(x, k, True, bias.to(dev), S)
         ((w * gw.to(dev)).sum() + (sums * gs.to(dev)).sum()).backward()
         grads.append(x.grad.cpu())
@@ -391,7 +391,7 @@ def test_layer_routing_autograd_on_cuda(kern):
     x0, w0, g = torch.randn(T, h), torch.rand(T, k), torch.randn(T, h)
     res = []
     for dev in ("cpu", "cuda"):
-        x, w = x0.to(dev).requires_grad_(), w0.to(dev).requires_grad_()
+        x, w = x0.to(dev).detach().requires_grad_(), w0.to(dev).detach().requires_grad_()
         x_perm, row_map, _ = ops.permute(x, ids.to(dev), E)
         y = ops.unpermute(x_perm * 2.0, row_map, w)
         y.backward(g.to(dev))

@@ -66,7 +66,7 @@ def test_gate_selection_bias(device, bias_dtype, normalize):
     _check_gate(out, reference.gate(logits, k, normalize=normalize, selection_bias=bias, num_seqs=S))
     # A large bias forces selection but never enters the weights: they stay the plain probs.
     big = torch.zeros(E, dtype=bias_dtype, device=device)
-    big[[3, 11, 5, 0]] = torch.tensor([40.0, 30.0, 20.0, 10.0], dtype=bias_dtype)
+    big[[3, 11, 5, 0]] = torch.tensor([40.0, 30.0, 20.0, 10.0], dtype=bias_dtype, device=device)
     w, ids, counts, sums = ops.gate(logits, k, selection_bias=big, num_seqs=S)
     assert ids.cpu().tolist() == [[3, 11, 5, 0]] * T
     probs = torch.softmax(logits.float(), -1)
