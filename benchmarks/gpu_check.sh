@@ -3,6 +3,8 @@
 # minutes, start-up included, so one call of at most 600 s is all there is: PHASE=all (default)
 # does everything in order of what matters most, each step capped so the whole fits BUDGET:
 #   build     in place with CUDA, 16 jobs (the .so stays on the warm machine for a rerun)
+#   errors    an op's argument error raises a RuntimeError on CPU and GPU (op_errors_check.sh;
+#             if not, what tells the causes apart)
 #   tests     every CUDA-marked test (test_cuda_*, test_simt_* and the op tests' cuda cases) in
 #             8 pytest-xdist workers, -rfE with durations, a stack dump of a test stuck past 120 s
 #   memcheck  compute-sanitizer memcheck over every CUDA op (all grouped-GEMM paths,
@@ -11,7 +13,7 @@
 #             a dense cuBLAS GEMM (bench_grouped_gemm), markdown tables in bench.log
 #   sanitize  racecheck, synccheck and initcheck over the same ops, with what time is left
 # PHASE=1 (build tests) and PHASE=2 (memcheck bench sanitize, reusing PHASE=1's build) split it.
-# Logs go to $OUT (7 files at most: the device tool brings back 8); a summary is printed last.
+# Logs go to $OUT (8 files at most, what the device tool brings back); a summary is printed last.
 # The SIMT emulator has already run every kernel on the CPU in CI, so a failure here is a
 # GPU-only matter (timing, memory model, tensor cores); the logs name the kernel and the case.
 #
@@ -34,9 +36,9 @@ OUT=${OUT:-$root/out/gpu_check}  # out/ is git-ignored
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 case "${PHASE:-all}" in
-  1) default_steps="build tests" ;;
+  1) default_steps="build errors tests" ;;
   2) default_steps="memcheck bench sanitize" ;;
-  all) default_steps="build tests memcheck bench sanitize" ;;
+  all) default_steps="build errors tests memcheck bench sanitize" ;;
   *) echo "PHASE must be 1, 2 or all, got $PHASE" >&2; exit 2 ;;
 esac
 STEPS=${STEPS:-$default_steps}
@@ -102,10 +104,12 @@ if [ $built -eq 0 ]; then
 fi
 
 if [ $built -eq 0 ]; then
-  # 2. Every CUDA-marked test, in parallel workers (most cases are small; the CPU references dominate).
+  # 2. An op's argument error must raise, not crash (it crashed on the first H200 run).
+  step errors 150 env PY="$PY" bash benchmarks/op_errors_check.sh
+  # 3. Every CUDA-marked test, in parallel workers (most cases are small; the CPU references dominate).
   step tests 230 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rfE --durations=15 --continue-on-collection-errors \
     -n "${WORKERS:-8}" -o faulthandler_timeout=120 tests
-  # 3. compute-sanitizer over every CUDA op (no caching allocator, so each buffer is its own
+  # 4. compute-sanitizer over every CUDA op (no caching allocator, so each buffer is its own
   #    allocation and an out-of-bounds access cannot land in a neighbour).
   #    Each tool gets TOOL_LIMIT seconds (initcheck is the slow one: it ran past 150 s on an H200).
   sanitize_with() {
@@ -121,7 +125,7 @@ if [ $built -eq 0 ]; then
   export -f sanitize_with
   export PY
   step memcheck 120 bash -c 'sanitize_with memcheck'
-  # 4. Timings (markdown tables): the memory-bound kernels, then the grouped GEMM against its peers.
+  # 5. Timings (markdown tables): the memory-bound kernels, then the grouped GEMM against its peers.
   bench_all() {
     "$PY" benchmarks/bench_cuda_ops.py --tokens ${BENCH_TOKENS:-64 8192 32768} --reps 30
     echo

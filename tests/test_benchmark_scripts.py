@@ -59,5 +59,5 @@ def test_gpu_check_script_is_valid_bash_and_names_every_step():
     script = ROOT / "benchmarks" / "gpu_check.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
-    for step in ("build", "tests", "memcheck", "bench", "sanitize"):
+    for step in ("build", "errors", "tests", "memcheck", "bench", "sanitize"):
         assert f"step {step} " in text, step

@@ -204,6 +204,10 @@ void run_gemm(const Problem& p) {
   const uintptr_t after_arrays = reinterpret_cast<uintptr_t>(base + arrays_bytes);
   uint8_t* cutlass_ws = reinterpret_cast<uint8_t*>((after_arrays + 127) / 128 * 128);
   Arrays arrays = Arrays::carve(base, p.E);
+  // CUTLASS keeps per-SM copies of the TMA descriptors there, and the kernel's descriptor update
+  // (tensormap.cp_fenceproxy) reads bytes of them that nothing wrote: compute-sanitizer's
+  // initcheck reported it on an H200 (2026-12-04). Zeroed (a few KB), every byte is defined.
+  if (cutlass_bytes > 0) C10_CUDA_CHECK(cudaMemsetAsync(cutlass_ws, 0, size_t(cutlass_bytes), p.stream));
 
   const int threads = 128;
   const int blocks = int((p.E + threads - 1) / threads);
