@@ -97,12 +97,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # ----------------------------------------------------------------------------- problem
 
 
-def make(T, h, I, E, k, ns, dt, routing="uniform", seed=0):
+def make(T, h, I, E, k, ns, dt, routing="uniform", seed=0, device="cpu"):
     """Weights and input of one layer, generated in place so that peak memory = final memory."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
-        return torch.randn(*shape, dtype=dt, generator=g).mul_(scale)
+        return torch.randn(*shape, dtype=dt, generator=g, device=device).mul_(scale)
 
     x = rnd(T, h)
     wg = rnd(E, h, scale=h**-0.5)
@@ -113,7 +113,7 @@ def make(T, h, I, E, k, ns, dt, routing="uniform", seed=0):
     bias = None
     if routing == "skewed":
         # One hot expert: a router bias makes expert 0 the top choice of nearly every token.
-        bias = torch.zeros(E, dtype=dt)
+        bias = torch.zeros(E, dtype=dt, device=device)
         bias[0] = 8.0
     return dict(x=x, wg=wg, w1=w1, w2=w2, ws1=ws1, ws2=ws2, bias=bias, k=k, E=E)
 
@@ -201,7 +201,7 @@ def dsmoe_fn(p):
     h = ops.swiglu(ops.grouped_gemm(x_perm, p["w1"], offsets, True))
     y = ops.unpermute(ops.grouped_gemm(h, p["w2"], offsets, True), row_map, weights)
     # the shared experts as one-group grouped GEMMs (all rows), as DeepSeekMoELayer runs them on CPU
-    every_row = torch.tensor([0, x.shape[0]], dtype=torch.int32)
+    every_row = torch.tensor([0, x.shape[0]], dtype=torch.int32, device=x.device)
     shared = ops.swiglu(ops.grouped_gemm(x, p["ws1"][None], every_row, True))
     shared = ops.grouped_gemm(shared, p["ws2"][None], every_row, True)
     return y + shared
@@ -239,7 +239,7 @@ def make_dsmoe_layer(p):
         num_hidden_layers=1,
         vocab_size=256,
     )
-    layer = cls(cfg, impl="dsmoe").to(p["x"].dtype)
+    layer = cls(cfg, impl="dsmoe").to(device=p["x"].device, dtype=p["x"].dtype)
     sd = layer.state_dict()
     mine = {
         "gate.weight": p["wg"],
@@ -355,16 +355,16 @@ def weight_memory(t, p):
     return empty_huge_pages(t.shape, t.dtype).copy_(t)
 
 
-def prepare(dims, dt, routing, train=False, routed=False, huge_pages=False):
+def prepare(dims, dt, routing, train=False, routed=False, huge_pages=False, device="cpu"):
     T, h, I, E, k, ns = dims
-    p = make(T, h, I, E, k, ns, dt, routing)
+    p = make(T, h, I, E, k, ns, dt, routing, device=device)
     p["huge_pages"] = huge_pages
     p["w1t"] = p["w1"].transpose(1, 2).contiguous()
     p["w2t"] = p["w2"].transpose(1, 2).contiguous()
-    g = torch.Generator().manual_seed(1)
-    p["xr"] = torch.randn(T * k, h, dtype=dt, generator=g)
-    p["W1"] = torch.randn(h, 2 * I, dtype=dt, generator=g).mul_(h**-0.5)
-    p["W2"] = torch.randn(I, h, dtype=dt, generator=g).mul_(I**-0.5)
+    g = torch.Generator(device=device).manual_seed(1)
+    p["xr"] = torch.randn(T * k, h, dtype=dt, generator=g, device=device)
+    p["W1"] = torch.randn(h, 2 * I, dtype=dt, generator=g, device=device).mul_(h**-0.5)
+    p["W2"] = torch.randn(I, h, dtype=dt, generator=g, device=device).mul_(I**-0.5)
     for n in WEIGHTS:
         p[n] = weight_memory(p[n], p)
     if routed:
@@ -376,8 +376,8 @@ def prepare(dims, dt, routing, train=False, routed=False, huge_pages=False):
     if train:
         for n in ("x", "wg", "w1", "w2", "ws1", "ws2", "w1t", "w2t", "xr", "W1", "W2"):
             p[n].requires_grad_(True)
-        p["gy"] = torch.randn(T, h, dtype=dt, generator=g)
-        p["gyr"] = torch.randn(T * k, h, dtype=dt, generator=g)
+        p["gy"] = torch.randn(T, h, dtype=dt, generator=g, device=device)
+        p["gyr"] = torch.randn(T * k, h, dtype=dt, generator=g, device=device)
     return p
 
 

@@ -28,7 +28,7 @@ echo "== the check failed (rc=$rc; 139 is a segmentation fault): compilers, libr
 for cxx in /opt/gcc/bin/g++ /usr/bin/g++ "${CXX:-}"; do
   [ -n "$cxx" ] && [ -x "$cxx" ] && echo "$cxx: $("$cxx" --version | head -n 1)"
 done
-"$PY" -c 'import torch; print(torch.__config__.show())' 2>&1 | grep -iE "compiler|cxx|abi" | head -n 8
+"$PY" -c 'import torch; print(torch.__config__.show())' 2>&1 | grep -iE "gcc|clang|compiler|abi" | cut -c1-300 | head -n 8
 ldd dsmoe/_C*.so | grep -E "stdc|gcc_s|gomp|c10|torch_cpu"
 if command -v cuda-gdb >/dev/null; then
   timeout 120 cuda-gdb -batch -ex run -ex bt "--args" "$PY" -c "$code" 2>&1 | grep -vE "^\[(New|Thread)|^warning" | tail -n 40

@@ -46,7 +46,7 @@ def test_grouped_gemm_table_says_where_how_and_the_ratios():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU path")
-@pytest.mark.parametrize("script", ["bench_grouped_gemm", "bench_cuda_ops"])
+@pytest.mark.parametrize("script", ["bench_grouped_gemm", "bench_cuda_ops", "bench_cuda_moe"])
 def test_gpu_benchmarks_say_they_need_a_gpu(script):
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py")], capture_output=True,
@@ -61,3 +61,41 @@ def test_gpu_check_script_is_valid_bash_and_names_every_step():
     text = script.read_text()
     for step in ("build", "errors", "tests", "memcheck", "bench", "sanitize"):
         assert f"step {step} " in text, step
+
+
+def test_layer_benchmark_runs_every_implementation_on_the_cpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    bench = load("bench_cuda_moe")
+    out = tmp_path / "table.md"
+    assert bench.main(["--device", "cpu", "--shapes", "tiny", "--dtype", "fp32", "--reps", "1", "--warmup", "0",
+                       "--slow-reps", "1", "--out", str(out)]) == 0
+    table = out.read_text().splitlines()
+    assert "--device cpu --shapes tiny" in table[0]
+    row = [c.strip() for c in table[-1].strip("|").split("|")]
+    assert row[:2] == ["tiny", "96"] and len(row) == 2 + len(bench.IMPLS) + 2
+    cells = dict(zip(bench.IMPLS, row[2:]))
+    assert cells["hf_infer"].endswith("/ —")  # forward only
+    for impl in set(bench.IMPLS) - {"hf_infer"}:
+        fwd, bwd = (float(v) for v in cells[impl].split(" / "))
+        assert fwd > 0 and bwd > 0, impl
+    printed = capsys.readouterr().out
+    assert printed.count("tiny T=96 fwd ") == len(bench.IMPLS) and printed.count("fwd+bwd") >= len(bench.IMPLS) - 1
+
+
+def test_layer_table_ratios():
+    bench = load("bench_cuda_moe")
+    rows = [dict(shape="ds16b", T=8192, mode=m, impl=i, ms=v) for m, i, v in [
+        ("fwd", "dsmoe_layer", 2.0), ("fwd+bwd", "dsmoe_layer", 5.0), ("fwd", "grouped_mm", 4.0),
+        ("fwd+bwd", "grouped_mm", 11.0), ("fwd+bwd", "hf_train", 170.0)]]
+    lines = bench.markdown_table(rows, "H")
+    assert lines[0] == "H"
+    row = [c.strip() for c in lines[-1].strip("|").split("|")]
+    assert row == ["ds16b", "8192", "2.000 / 5.000", "4.000 / 11.000", "— / 170.000", "2.00x / 2.20x", "34.00x"]
+
+
+def test_layer_benchmark_refuses_unknown_names():
+    bench = load("bench_cuda_moe")
+    for argv in (["--shapes", "ds16b,huge"], ["--impls", "dsmoe,megablocks"], ["--shapes", ""]):
+        with pytest.raises(SystemExit) as exc:
+            bench.main(argv + ["--device", "cpu"])
+        assert exc.value.code == 2
