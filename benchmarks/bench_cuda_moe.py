@@ -83,18 +83,20 @@ def run_shape(name: str, T: int, dtype, args) -> list[dict]:
                 def call(fn=fn):
                     with torch.no_grad():
                         return fn(p)
+            rel = None
             if not train and impl != "floor":  # every implementation computes the same layer
                 out = call().float()
                 if ref is None:
                     ref = out
                 else:
                     rel = float((out - ref).norm() / ref.norm())
-                    if not rel < 3e-2:
-                        raise SystemExit(f"{name} T={T} {impl}: differs from {args.impls[0]} by {rel:.3g}")
             slow = impl in SLOW
             ms = median_ms(call, args.slow_reps if slow else args.reps, 1 if slow else args.warmup, args.device)
-            rows.append(dict(shape=name, T=T, mode=mode, impl=impl, ms=ms))
-            print(f"  {name} T={T} {mode} {impl}: {ms:.3f} ms", flush=True)
+            wrong = rel is not None and not rel < 3e-2  # a timing of a wrong result is marked, not dropped
+            rows.append(dict(shape=name, T=T, mode=mode, impl=impl, ms=ms, wrong=wrong))
+            print(f"  {name} T={T} {mode} {impl}: {ms:.3f} ms"
+                  + (f", relative difference from {args.impls[0]}: {rel:.2g}" if rel is not None else "")
+                  + (" WRONG RESULT" if wrong else ""), flush=True)
         del p
         if args.device == "cuda":
             torch.cuda.empty_cache()
@@ -111,9 +113,11 @@ def markdown_table(rows: list[dict], header: str) -> list[str]:
              + " | dsmoe_layer vs grouped_mm | dsmoe_layer vs hf_train (fwd+bwd) |",
              "|---|---|" + "---|" * len(impls) + "---|---|"]
 
+    wrong = {(r["shape"], r["T"], r["mode"], r["impl"]) for r in rows if r.get("wrong")}
+
     def cell(shape, T, mode, impl):
         v = ms.get((shape, T, mode, impl))
-        return "—" if v is None else f"{v:.3f}"
+        return "—" if v is None else f"{v:.3f}" + (" (wrong result)" if (shape, T, mode, impl) in wrong else "")
 
     def ratio(shape, T, mode, peer):
         a, b = ms.get((shape, T, mode, "dsmoe_layer")), ms.get((shape, T, mode, peer))

@@ -9,8 +9,9 @@
 #             8 pytest-xdist workers, -rfE with durations, a stack dump of a test stuck past 120 s
 #   memcheck  compute-sanitizer memcheck over every CUDA op (all grouped-GEMM paths,
 #             bf16/fp16/fp32, E up to 256, h >= 512)
-#   bench     kernel timings (bench_cuda_ops) and the grouped GEMM against torch._grouped_mm and
-#             a dense cuBLAS GEMM (bench_grouped_gemm), markdown tables in bench.log
+#   bench     the layer against its peers (bench_cuda_moe; T=8192 and decode-sized T=64), kernel
+#             timings (bench_cuda_ops) and the grouped GEMM against torch._grouped_mm and a dense
+#             cuBLAS GEMM (bench_grouped_gemm), markdown tables in bench.log
 #   sanitize  racecheck, synccheck and initcheck over the same ops, with what time is left
 # PHASE=1 (build tests) and PHASE=2 (memcheck bench sanitize, reusing PHASE=1's build) split it.
 # Logs go to $OUT (8 files at most, what the device tool brings back); a summary is printed last.
@@ -127,12 +128,16 @@ if [ $built -eq 0 ]; then
   step memcheck 120 bash -c 'sanitize_with memcheck'
   # 5. Timings (markdown tables): the memory-bound kernels, then the grouped GEMM against its peers.
   bench_all() {
+    "$PY" benchmarks/bench_cuda_moe.py
+    echo
+    "$PY" benchmarks/bench_cuda_moe.py --shapes ds16b,fine --tokens 64 --impls dsmoe_layer,dsmoe,grouped_mm,hf_infer
+    echo
     "$PY" benchmarks/bench_cuda_ops.py --tokens ${BENCH_TOKENS:-64 8192 32768} --reps 30
     echo
     "$PY" benchmarks/bench_grouped_gemm.py --shapes ds16b,fine,ds145b --tokens 8192,32768 --reps 10
   }
   export -f bench_all
-  step bench 110 bash -c bench_all
+  step bench 170 bash -c bench_all
   step sanitize 230 bash -c 'sanitize_with racecheck synccheck initcheck'
 else
   note "build failed: tests, sanitizers and benchmarks not run (see build.log)"

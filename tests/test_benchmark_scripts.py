@@ -91,6 +91,9 @@ def test_layer_table_ratios():
     assert lines[0] == "H"
     row = [c.strip() for c in lines[-1].strip("|").split("|")]
     assert row == ["ds16b", "8192", "2.000 / 5.000", "4.000 / 11.000", "— / 170.000", "2.00x / 2.20x", "34.00x"]
+    rows[2]["wrong"] = True  # a result that differed from the first implementation's
+    row = [c.strip() for c in bench.markdown_table(rows, "H")[-1].strip("|").split("|")]
+    assert row[3] == "4.000 (wrong result) / 11.000"
 
 
 def test_layer_benchmark_refuses_unknown_names():

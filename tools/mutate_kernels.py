@@ -5,14 +5,17 @@ Each mutant is one exact text replacement in one source file (the script stops b
 anything if an anchor no longer occurs exactly once: update the list when the sources change).
 For each mutant: apply it, rebuild (the CPU extension with ``setup.py build_ext --inplace``, or
 the emulator library with tools/simt_build.py; ninja recompiles only what the file touches), run
-the tests that should catch it, restore the file. The file is always restored (``finally``, also
-on Ctrl-C), and the clean build is rebuilt at the end. A mutant is
+the tests that should catch it, restore the file. First each test selection runs once on the
+unmutated build and must pass (else a kill would mean nothing; --no-baseline skips that). The
+file is always restored (``finally``, also on Ctrl-C), and the clean build is rebuilt at the end.
+A mutant is
 
 * killed: the tests fail (what every mutant must be; a survivor means a missing test),
 * SURVIVED: the tests pass,
 * not runnable here: its code only runs on an ISA this CPU lacks (dsmoe.cpu_kernels() says which
   paths run; on an AVX2-only CPU the AVX512 GEMM kernels never run, so their mutants are reported
-  as such, never as killed),
+  as such, never as killed; on an AMX CPU, where "auto" picks oneDNN, their tests run with
+  DSMOE_CPU_BF16_GEMM=DSMOE_CPU_FP32_GEMM=avx512),
 * build failed: the mutant does not compile (reported; not counted as killed).
 
     python tools/mutate_kernels.py                 # every mutant (CPU, then SIMT), nice 19 advised
@@ -319,10 +322,15 @@ def check_anchors(mutants: list[Mutant]) -> None:
         sys.exit("mutate_kernels: the sources changed; update these mutants:\n" + "\n".join(bad))
 
 
-def _env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def _env(extra: dict | None = None) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(extra or {}))
     env.setdefault("MAX_JOBS", "2")
     return env
+
+
+# What makes the AVX512 GEMM kernels run where the CPU has AVX512-BF16 but "auto" prefers oneDNN
+# (AMX CPUs): the settings that force them, for the mutants that live in them.
+FORCE_AVX512 = {"DSMOE_CPU_BF16_GEMM": "avx512", "DSMOE_CPU_FP32_GEMM": "avx512"}
 
 
 def build(target: str, log: Path) -> bool:
@@ -335,11 +343,12 @@ def build(target: str, log: Path) -> bool:
     return r.returncode == 0
 
 
-def run_tests(args: list[str], log: Path, timeout: int) -> str:
+def run_tests(args: list[str], log: Path, timeout: int, extra_env: dict | None = None) -> str:
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *args]
     with log.open("w") as f:
         try:
-            r = subprocess.run(cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+            r = subprocess.run(cmd, cwd=ROOT, env=_env(extra_env), stdout=f, stderr=subprocess.STDOUT,
+                               timeout=timeout)
         except subprocess.TimeoutExpired:
             return "killed (timeout)"
     if r.returncode == 0:
@@ -363,6 +372,8 @@ def main() -> int:
     ap.add_argument("--target", choices=["cpu", "simt", "all"], default="all")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per test run")
     ap.add_argument("--no-final-rebuild", action="store_true", help="skip the clean rebuild at the end")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="skip running each test selection on the unmutated build first")
     args = ap.parse_args()
 
     mutants = MUTANTS
@@ -395,6 +406,26 @@ def main() -> int:
     kernels = runnable_here()
     print(f"dsmoe.cpu_kernels(): {kernels}", flush=True)
     avx512 = kernels.get("bf16_gemm") == "avx512" or kernels.get("fp32_gemm") == "avx512"
+    forced = {}
+    if not avx512 and kernels.get("cpu_avx512_bf16"):  # AMX CPUs: the kernels run when chosen
+        avx512, forced = True, FORCE_AVX512
+    mutant_env = {m.name: forced if m.needs == "avx512" else {} for m in mutants}
+    runnable = [m for m in mutants if not (m.needs == "avx512" and not avx512)]
+    if not args.no_baseline:
+        # A kill means something only if the tests pass without the mutant: run each selection
+        # (with its settings) once on the unmutated build first.
+        selections = {(tuple(m.tests), tuple(sorted(mutant_env[m.name].items()))) for m in runnable}
+        for target in sorted({m.target for m in runnable}):
+            if not build(target, logdir / f"baseline-{target}.build.log"):
+                sys.exit(f"mutate_kernels: the unmutated {target} build fails; see {logdir}")
+        for i, (tests, env_items) in enumerate(sorted(selections)):
+            log = logdir / f"baseline-{i}.test.log"
+            status = run_tests(list(tests), log, args.timeout, dict(env_items))
+            if status != "SURVIVED":
+                sys.exit(f"mutate_kernels: without any mutant, the tests {' '.join(tests)}"
+                         f"{' with ' + str(dict(env_items)) if env_items else ''} are {status}: "
+                         f"a kill would mean nothing; see {log}")
+        print(f"baseline: the {len(selections)} test selections pass on the unmutated build", flush=True)
     results = []
     touched_targets = set()
     try:
@@ -412,7 +443,8 @@ def main() -> int:
                     if not build(m.target, logdir / f"{m.name}.build.log"):
                         status = "build failed"
                     else:
-                        status = run_tests(m.tests, logdir / f"{m.name}.test.log", args.timeout)
+                        status = run_tests(m.tests, logdir / f"{m.name}.test.log", args.timeout,
+                                           mutant_env[m.name])
                 finally:
                     src.write_bytes(original)
             results.append({"name": m.name, "file": m.path, "target": m.target, "status": status, "why": m.why,
