@@ -24,7 +24,7 @@ import torch
 
 from dsmoe import DeepSeekMoEForCausalLM, get_preset
 from dsmoe.cli import build_parser, compare, main
-from dsmoe.cli.common import CLIError, format_table
+from dsmoe.cli.common import CLIError, claim_run_dir, format_table
 from dsmoe.cli.models import compare_configs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -1504,3 +1504,172 @@ def test_report_of_a_gap_without_a_trend(capsys):
                      "settings": {"tokens_per_run": 1000}, "elapsed_s": None})
     out = capsys.readouterr().out
     assert "\n  GShard top-2 − Dense: no seed finished for both\n    over training: no evaluation in common\n" in out
+
+
+# ------------------------------------------------------------------------------- what the mutation pass asked for
+
+
+def test_report_locks_its_own_directory_and_creates_nothing_else(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # a lock taken on no directory would make runs/compare-<date> here
+    monkeypatch.setattr(compare, "plot_curves", lambda *a: None)
+    monkeypatch.setattr(compare, "plot_load_over_time", lambda *a: None)
+    d = _compare_dir(tmp_path / "cmp")
+    real, seen = compare._write_results, {}
+
+    def write_results(out_dir, *a):
+        with pytest.raises(CLIError, match="is in use by another dsmoe process"):
+            claim_run_dir(d, "compare", existing=True)  # the report holds it while it writes
+        seen["out"] = out_dir
+        return real(out_dir, *a)
+
+    monkeypatch.setattr(compare, "_write_results", write_results)
+    assert main(["compare", "--report", str(d)]) == 0
+    assert seen["out"] == d and not (tmp_path / "runs").exists()
+    capsys.readouterr()
+    held = claim_run_dir(d, "compare", existing=True)  # released by the report: another process now
+    try:
+        assert main(["compare", "--report", str(d)]) == 2
+        assert capsys.readouterr().err.startswith(
+            f"dsmoe: error: --report directory {d} is in use by another dsmoe process (pid {os.getpid()})")
+    finally:
+        held.release()
+
+
+def test_compare_into_a_directory_another_process_holds(tmp_path, fake_training, capsys):
+    out = tmp_path / "cmp"
+    held = claim_run_dir(out, "compare")
+    try:
+        argv = ["compare", *TOY, "--steps", "4", "--seeds", "1", "--variants", "dense", "--out", str(out), "--overwrite"]
+        assert main(argv) == 2
+        assert capsys.readouterr().err.startswith(f"dsmoe: error: output directory {out} is in use by another dsmoe "
+                                                  "process")
+    finally:
+        held.release()
+    assert fake_training["calls"] == []
+
+
+def test_a_seq_len_at_the_models_limit_is_accepted(tmp_path, fake_training, capsys):
+    limit = min(c["max_position_embeddings"] for c in compare_configs(32, 2, 2, 32, 4, 2, 1).values())
+    argv = ["compare", *TOY, "--steps", "4", "--seeds", "1", "--variants", "dense", "--out", str(tmp_path / "cmp")]
+    assert main([*argv, "--seq-len", str(limit)]) == 0
+    assert main([*argv[:-1], str(tmp_path / "cmp2"), "--seq-len", str(limit + 1)]) == 2
+    assert f"--seq-len {limit + 1} exceeds the compared models' max_position_embeddings {limit}" in capsys.readouterr().err
+
+
+def test_the_load_window_is_a_whole_number_of_steps(tmp_path, fake_training):
+    argv = ["compare", *TOY, "--steps", "100", "--seeds", "1", "--variants", "gshard", "--out", str(tmp_path / "cmp")]
+    assert main(argv) == 0
+    (jobs, _, _), = fake_training["calls"]
+    assert [j["window"] for j in jobs] == [2] and isinstance(jobs[0]["window"], int)  # 100 // 40 windows of 40
+
+
+def _show_on_stderr(message, category, filename, lineno, file=None, line=None):
+    """warnings' own way of showing a warning (pytest replaces it to record them)."""
+    if sys.stderr is not None:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def test_run_one_logs_warnings_and_direct_writes_and_a_crash(tmp_path, monkeypatch):
+    def fake_train(ns):
+        warnings.warn("a warning of the run")
+        sys.stderr.write("written to stderr\n")
+        raise RuntimeError("the run broke")
+
+    monkeypatch.setattr(compare.train, "run", fake_train)
+    job = {"threads": 1, "window": 1, "ns": argparse.Namespace(out=str(tmp_path / "run")),
+           "log": str(tmp_path / "run.log")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _show_on_stderr  # as outside pytest, which records them
+        assert compare.run_one(job) == 1  # a crash: 1, as `dsmoe train` exits on one (2 is a refusal)
+    log = (tmp_path / "run.log").read_text()
+    assert "UserWarning: a warning of the run" in log and "written to stderr\n" in log
+    assert "Traceback (most recent call last)" in log and log.rstrip().endswith("RuntimeError: the run broke")
+
+
+def test_seed_order_numbers_first_then_names():
+    names = ["seed-x", "seed-10", "seed-a", "seed-2", "seed-0"]
+    assert [n for n in sorted(names, key=lambda n: compare._seed_order(Path(n)))] == [
+        "seed-0", "seed-2", "seed-10", "seed-a", "seed-x"]
+
+
+def test_report_of_a_finished_run_whose_last_evaluation_came_earlier(tmp_path, monkeypatch, capsys):
+    # finished: its model is saved and it logged its last step, whatever step it last evaluated at
+    monkeypatch.setattr(compare, "plot_curves", lambda *a: None)
+    monkeypatch.setattr(compare, "plot_load_over_time", lambda *a: None)
+    runs = {("gshard", 0): ([4.0, 3.5, 3.2, 3.0], [0.1] * 4, [3.0], True)}  # evaluated at step 20 only
+    d = _compare_dir(tmp_path / "cmp", runs, loads={}, variants=("gshard",))
+    assert main(["compare", "--report", str(d)]) == 0
+    assert "stopped or unfinished" not in capsys.readouterr().out
+    per_seed = json.loads((d / "compare.json").read_text())["models"]["gshard"]["per_seed"]
+    assert [(r["seed"], r["complete"], r["final_val_loss"]) for r in per_seed] == [(0, True, 3.0)]
+
+
+def test_report_with_a_compare_json_without_settings_and_a_seed_never_started(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compare, "plot_curves", lambda *a: None)
+    monkeypatch.setattr(compare, "plot_load_over_time", lambda *a: None)
+    runs = {("gshard", s): ([4.0, 3.5, 3.2, 3.0], [0.1] * 4, [3.0, 2.5], True) for s in (0, 2)}
+    d = _compare_dir(tmp_path / "cmp", runs, loads={}, variants=("gshard",))
+    (d / "gshard" / "seed-1").mkdir()  # never started (no train_args.json): seed 2 after it still counts
+    (d / "compare.json").write_text(json.dumps({"models": {}}))  # an older file, no settings in it
+    assert main(["compare", "--report", str(d)]) == 0
+    summary = json.loads((d / "compare.json").read_text())
+    assert [r["seed"] for r in summary["models"]["gshard"]["per_seed"]] == [0, 2]
+    assert summary["settings"]["seeds_list"] == [0, 2] and summary["settings"]["steps"] == 40
+
+
+def test_collect_skips_a_run_without_an_evaluation_but_not_the_seeds_after_it(tmp_path):
+    runs = {("dense", 0): ([4.0, 3.5], None, [], False),  # stopped before its first evaluation
+            ("dense", 1): ([4.0, 3.5, 3.2, 3.0], None, [3.0, 2.6], True),
+            ("gshard", 0): ([4.0, 3.4], [0.05, 0.04], [], False),
+            ("gshard", 1): ([4.0, 3.4, 3.1, 2.9], [0.05, 0.04, 0.03, 0.02], [3.1, 2.5], True)}
+    written = _write_runs(tmp_path, runs, loads={})
+    configs = {n: c for n, c in compare_configs(32, 2, 2, 32, 4, 2, 1).items() if n in ("dense", "gshard")}
+    sizes = {n: {"total": 1} for n in configs}
+    settings = {"steps": 40, "batch_size": 2, "seq_len": 8}
+    res = compare._collect(settings, written, sizes, configs)
+    assert [r["seed"] for r in res["models"]["dense"]["per_seed"]] == [1]
+    assert [r["seed"] for r in res["models"]["gshard"]["per_seed"]] == [1]
+    # the first pair (DeepSeekMoE - GShard) has no DeepSeekMoE: skipped, the next ones still computed
+    assert list(res["gaps"]) == ["gshard-dense"] and res["gaps"]["gshard-dense"]["seeds"] == [1]
+    assert list(res["crossings"]) == ["gshard-dense"]
+
+
+@pytest.mark.parametrize("damaged, label", [
+    ("gshard/seed-0/train_args.json", "--report"), ("compare.json", "--report"),
+    ("gshard/seed-0/loads.json", "loads.json"),  # read for the balance and the load plot
+])
+def test_report_names_the_damaged_file(tmp_path, monkeypatch, capsys, damaged, label):
+    monkeypatch.setattr(compare, "plot_curves", lambda *a: None)
+    runs = {("gshard", 0): ([4.0, 3.5, 3.2, 3.0], [0.1] * 4, [3.0, 2.5], True)}
+    d = _compare_dir(tmp_path / "cmp", runs, loads={("gshard", 0): LOADS[("gshard", 1)]}, variants=("gshard",))
+    (d / damaged).write_text("{")
+    assert main(["compare", "--report", str(d)]) == 2
+    assert capsys.readouterr().err.startswith(f"dsmoe: error: {label}: {d / damaged} is not valid JSON")
+
+
+def test_loss_curves_of_a_short_run_are_not_smoothed(figures, tmp_path):
+    # under 80 logged steps the window is one step: the balance loss as logged (mean of seeds)
+    results = {"models": {"gshard": {"per_seed": [
+        {"seed": 0, "val_curve": [[2, 3.0]], "train_curve": [[1, 4.0, 1.0], [2, 3.9, 2.0], [3, 3.8, 3.0]]},
+        {"seed": 1, "val_curve": [[2, 3.2]], "train_curve": [[1, 4.0, 3.0], [2, 3.9, 2.0], [3, 3.8, 5.0]]}]}}}
+    compare.plot_curves(results, tmp_path / "c.png")
+    (fig, (ax, ax2)), = figures.figures
+    aux, = ax2.lines
+    assert list(aux.get_xdata()) == [1, 2, 3] and list(aux.get_ydata()) == pytest.approx([2.0, 2.0, 4.0])
+    assert ax2.get_position().x0 > ax.get_position().x1  # side by side, the balance loss on the right
+    assert abs(ax2.get_position().y0 - ax.get_position().y0) < 1e-6
+
+
+def test_run_jobs_one_at_a_time_an_interrupted_later_run_stops_the_rest(tmp_path, fake_run_one, capsys):
+    # the runs not started take the interrupted run's status, not that of an earlier finished one
+    jobs = [_job(tmp_path, "dense", 0, code=0, train=1), _job(tmp_path, "gshard", 0, code=0, train=1),
+            _job(tmp_path, "deepseekmoe", 0, code=130, train=1), _job(tmp_path, "dense", 1, code=0, train=1),
+            _job(tmp_path, "gshard", 1, code=0, train=1)]
+    assert compare._run_jobs(jobs, argparse.Namespace(no_progress=True, jobs=1), 5) == [0, 0, 130, 130, 130]
+    assert fake_run_one == [("dense", 0), ("gshard", 0), ("deepseekmoe", 0)]
+
+
+@pytest.mark.parametrize("impl", ["dsmoe", "reference"])
+def test_impl_takes_each_of_its_choices(impl):
+    assert _ns("--impl", impl).impl == impl
