@@ -19,15 +19,14 @@ every weight. Median of CUDA-event timings after warm-up, one implementation aft
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_cpu_moe as peers  # noqa: E402  (the implementations, shared with the CPU benchmark)
+from dsmoe.cli.bench import _time as median_ms  # noqa: E402  (CUDA events on a GPU, else the wall clock)
 
 # name: (default T, hidden, expert intermediate, routed experts, top-k, shared experts)
 SHAPES = {
@@ -39,26 +38,6 @@ SHAPES = {
 IMPLS = ("dsmoe_layer", "dsmoe", "grouped_mm", "hf_infer", "hf_train", "floor")
 FORWARD_ONLY = {"hf_infer"}
 SLOW = {"hf_train", "hf_infer"}  # per-expert Python loops: a few repetitions are enough
-
-
-def median_ms(fn, reps: int, warmup: int, device: str) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def run_shape(name: str, T: int, dtype, args) -> list[dict]:
@@ -91,7 +70,8 @@ def run_shape(name: str, T: int, dtype, args) -> list[dict]:
                 else:
                     rel = float((out - ref).norm() / ref.norm())
             slow = impl in SLOW
-            ms = median_ms(call, args.slow_reps if slow else args.reps, 1 if slow else args.warmup, args.device)
+            ms = median_ms(call, args.slow_reps if slow else args.reps, 1 if slow else args.warmup,
+                           torch.device(args.device))
             wrong = rel is not None and not rel < 3e-2  # a timing of a wrong result is marked, not dropped
             rows.append(dict(shape=name, T=T, mode=mode, impl=impl, ms=ms, wrong=wrong))
             print(f"  {name} T={T} {mode} {impl}: {ms:.3f} ms"
