@@ -67,6 +67,13 @@ def nvidia_wheel_includes() -> list[str]:
     return found
 
 
+def shared_libstdcxx():
+    """Link libstdc++ as a shared library, the one torch uses. A toolchain whose own library folder
+    holds only libstdc++.a (the H200 image's /opt/gcc) otherwise links a second, static copy into
+    _C.so, and every C++ exception the extension throws (each TORCH_CHECK) crashes the process."""
+    return ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
+
+
 def build_extension():
     sources = read_sources(ROOT)
     cuda = want_cuda()
@@ -101,7 +108,7 @@ def build_extension():
         include_dirs=include_dirs,
         define_macros=macros,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc} if cuda else {"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp"] + shared_libstdcxx(),
     )
     BuildExt.meta = {"version": VERSION, "torch_version": torch_version, "cuda": cuda, "cuda_archs": archs}
     return extension

@@ -242,3 +242,10 @@ if(EXISTS "${TORCH_INSTALL_PREFIX}/lib/libgomp.so.1" AND CMAKE_CXX_COMPILER_ID S
 else()
   target_link_libraries(dsmoe_openmp INTERFACE OpenMP::OpenMP_CXX)
 endif()
+
+# --- libstdc++: link the shared one, which torch uses. A toolchain whose own library folder holds
+# only libstdc++.a (the H200 image's /opt/gcc) links a second, static copy otherwise, and then every
+# C++ exception thrown in dsmoe code (each TORCH_CHECK) crashes the process instead of raising.
+if(CMAKE_SYSTEM_NAME STREQUAL "Linux")
+  list(APPEND TORCH_LIBRARIES "-l:libstdc++.so.6")
+endif()

@@ -153,3 +153,12 @@ def test_bad_source_list_stops_configure(tmp_path):
     done = _configure(source, tmp_path / "build")
     assert done.returncode != 0
     assert "csrc/cpu/missing.cpp does not exist" in done.stderr, done.stderr
+
+
+def test_op_library_links_the_shared_libstdcxx(build_dir):
+    from test_build_linkage import assert_shared_libstdcxx
+
+    libraries = list(build_dir.rglob("libdsmoe_ops.so"))
+    assert libraries, f"the build made no libdsmoe_ops.so under {build_dir}"
+    assert_shared_libstdcxx(libraries[0])
+    assert_shared_libstdcxx(_bench(build_dir))
