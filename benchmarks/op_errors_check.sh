@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Does an op given bad arguments raise a RuntimeError in this build, on the CPU and on the GPU?
-# On the first GPU run (H200, torch 2.11, the extension built with the image's /opt/gcc) every
+# On the first GPU runs (H200, torch 2.11, the extension built with the image's /opt/gcc) every
 # C++ argument error of the extension, the CPU ops' too, ended the process with a segmentation
-# fault; torch 2.11 on the CI machines raises as it should. Run by gpu_check.sh after the build;
-# when the check crashes it prints what tells the causes apart: the compilers, the libraries the
-# extension loads, a native backtrace (cuda-gdb), and the same check on a CPU-only build made with
-# the same compiler (is it the CUDA build?) and, where there is one, with the system's g++.
+# fault: /opt/gcc's own library folder has only libstdc++.a, so _C.so carried a static libstdc++
+# (found by this script's CPU-only builds: /opt/gcc's crashed, /usr/bin/g++'s raised). setup.py
+# now links libstdc++.so.6 by name. Run by gpu_check.sh after the build, as a guard; when the check
+# crashes it prints what tells causes apart: the compilers, the libraries the extension loads, a
+# native backtrace (cuda-gdb), and the same check on CPU-only builds made with the same compiler
+# (is it the CUDA build?) and, where there is one, with the system's g++.
 #
 #   bash benchmarks/op_errors_check.sh        (from the repository root, after the build)
 set -uo pipefail
