@@ -12,7 +12,7 @@
 #   bench     the layer against its peers (bench_cuda_moe; T=8192 and decode-sized T=64), kernel
 #             timings (bench_cuda_ops) and the grouped GEMM against torch._grouped_mm and a dense
 #             cuBLAS GEMM (bench_grouped_gemm), markdown tables in bench.log
-#   sanitize  racecheck, synccheck and initcheck over the same ops, with what time is left
+#   sanitize  synccheck, racecheck and initcheck over the same ops, with what time is left
 # PHASE=1 (build tests) and PHASE=2 (memcheck bench sanitize, reusing PHASE=1's build) split it.
 # Logs go to $OUT (8 files at most, what the device tool brings back); a summary is printed last.
 # The SIMT emulator has already run every kernel on the CPU in CI, so a failure here is a
@@ -138,7 +138,7 @@ if [ $built -eq 0 ]; then
   }
   export -f bench_all
   step bench 170 bash -c bench_all
-  step sanitize 230 bash -c 'sanitize_with racecheck synccheck initcheck'
+  step sanitize 230 bash -c 'sanitize_with synccheck racecheck initcheck'
 else
   note "build failed: tests, sanitizers and benchmarks not run (see build.log)"
 fi
