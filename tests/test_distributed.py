@@ -220,6 +220,16 @@ def _refusals(mesh) -> dict:
         out["devices"] = "accepted"
     except ValueError as e:
         out["devices"] = str(e)
+    # accepted: num_expert_devices 1 (one device, the default) becomes the ep size when the
+    # device-level loss is on; with its alpha 0 the config and the layers keep what they had
+    one = dsmoe.DeepSeekMoEForCausalLM(tiny_config(num_expert_devices=1))
+    apply_expert_parallel(one, mesh["ep"])
+    out["devices_from_one"] = [one.config.num_expert_devices] + [
+        layer.device_balance_loss.num_devices for layer in one.moe_layers()]
+    off = dsmoe.DeepSeekMoEForCausalLM(tiny_config(num_expert_devices=1, device_aux_loss_alpha=0.0))
+    apply_expert_parallel(off, mesh["ep"])
+    out["device_loss_off"] = [off.config.num_expert_devices] + [
+        layer.device_balance_loss is None for layer in off.moe_layers()]
     return out
 
 
@@ -384,6 +394,8 @@ def test_bad_setups_refused_in_ranks(jobs):
     refused = jobs[1]["a"]["refused"]
     assert "n_routed_experts=3" in refused["experts"] and "ep=2" in refused["experts"]
     assert "num_expert_devices=4" in refused["devices"] and "ep=2" in refused["devices"]
+    assert refused["devices_from_one"] == [2, 2, 2]  # the config, then each of the two MoE layers
+    assert refused["device_loss_off"] == [1, True, True]
 
 
 @pytest.mark.parametrize("name", ["ckpt_a", "ckpt_b"])

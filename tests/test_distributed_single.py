@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import dsmoe
 from dsmoe.distributed import comm, mesh
 
 
@@ -543,3 +544,47 @@ def test_unwrapped_copy_of_a_plain_model():
         assert all(torch.equal(gathered.state_dict()[k], v) for k, v in state.items())
         with pytest.raises(RuntimeError):  # strict: a missing weight is an error, not a random one
             unwrapped_copy(model, {k: v for k, v in state.items() if k != "model.norm.weight"})
+
+
+# ---- expert parallelism on one rank: what a user sees of the module itself
+
+
+def test_expert_parallel_experts_on_one_rank(one_rank):
+    from dsmoe.distributed import ExpertParallelExperts
+
+    ep_mesh = one_rank.mesh["ep"]
+    torch.manual_seed(0)
+    fresh = ExpertParallelExperts(16, 32, 24, ep_mesh)  # RoutedExperts' default init: N(0, 0.02)
+    w = torch.cat([fresh.w_gate_up.to_local().flatten(), fresh.w_down.to_local().flatten()])
+    assert w.dtype == torch.float32 and w.numel() == 16 * 3 * 24 * 32
+    assert abs(w.std().item() - 0.02) < 0.001 and abs(w.mean().item()) < 0.0005
+    assert fresh.init_std == 0.02
+    assert repr(fresh).endswith(
+        "(num_experts=16, local_experts=0..15, ep_size=1, hidden_size=32, intermediate_size=24)")
+    wide = ExpertParallelExperts(4, 8, 6, ep_mesh, init_std=0.5, dtype=torch.float64)
+    assert wide.w_down.to_local().dtype == torch.float64 and abs(wide.w_down.to_local().std().item() - 0.5) < 0.15
+
+    # from a RoutedExperts: the same weights, forward with the default impl equals the original
+    experts = dsmoe.RoutedExperts(8, 16, 12, init_std=0.1).eval()
+    ep = ExpertParallelExperts.from_experts(experts, ep_mesh)
+    assert not ep.training and ep.init_std == 0.1
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(11, 16, generator=g)
+    ids = torch.randint(0, 8, (11, 2), generator=g, dtype=torch.int32)
+    weights = torch.rand(11, 2, generator=g)
+    torch.testing.assert_close(ep(x, weights, ids), experts(x, weights, ids), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError) as e:
+        ep(x, weights, ids, impl="reference")
+    assert str(e.value) == "expert parallelism runs on the dsmoe ops; impl='reference' is not supported"
+    with pytest.raises(ValueError) as e:
+        ExpertParallelExperts(8, 16, 12, one_rank.mesh)
+    assert str(e.value) == "ep_mesh must be 1-D, got a 2-D mesh"
+
+
+def test_apply_expert_parallel_refuses_other_backends(one_rank):
+    from dsmoe.distributed import apply_expert_parallel
+
+    model = dsmoe.DeepSeekMoEForCausalLM(dsmoe.get_preset("tiny", num_hidden_layers=2), moe_impl="reference")
+    with pytest.raises(ValueError) as e:
+        apply_expert_parallel(model, one_rank.mesh["ep"])
+    assert str(e.value) == "expert parallelism runs on the dsmoe ops; the model has moe_impl='reference'"
