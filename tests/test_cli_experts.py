@@ -47,6 +47,25 @@ def test_label_of_the_root_folder():
     assert experts._label(["/"]) == ["root"]
 
 
+def test_labels_of_absolute_folders_that_differ_first():
+    # the first part below the root tells them apart; letters keep their case, an X is a letter
+    assert experts._label(["/x1/run", "/x2/run"]) == ["x1_run", "x2_run"]
+    assert experts._label(["/w/DeepSeek-V2", "/w/Xmodel.X"]) == ["DeepSeek-V2", "Xmodel.X"]
+
+
+def test_evaluate_is_the_library_function(tmp_path):
+    from dsmoe import analysis
+
+    torch.manual_seed(0)
+    model = DeepSeekMoEForCausalLM(get_preset("tiny", vocab_size=64)).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 64, (2, 8), generator=g), torch.randint(0, 64, (2, 8), generator=g)) for _ in range(2)]
+    loss, loads = experts.evaluate(model, batches)
+    want_loss, want_loads = analysis.evaluate(model, batches)
+    assert loss == want_loss and len(loads) == len(want_loads) >= 1
+    assert all(torch.equal(a, b) for a, b in zip(loads, want_loads))
+
+
 def test_disabled_counts_are_the_distinct_counts_in_order():
     # round(ratio x 16): 0, 1, 2, 3, 4; at most 16 - 4 may go
     assert experts.disabled_counts(16, 4, experts.DEFAULT_RATIOS) == [0, 1, 2, 3, 4]
@@ -95,8 +114,16 @@ def test_compare_run_without_finished_moe_runs(tmp_path):
     (run / "compare.json").write_text("{}")
     with pytest.raises(CLIError, match="no finished GShard"):
         experts._compare_models(str(run))
-    with pytest.raises(CLIError, match="--compare-run"):
+    with pytest.raises(CLIError) as e:
         experts._compare_models(str(tmp_path / "nowhere"))
+    assert str(e.value) == f"--compare-run: {tmp_path / 'nowhere' / 'compare.json'} does not exist"
+
+
+def test_compare_run_skips_a_stopped_seed_and_goes_on(tmp_path):
+    run = _compare_json(tmp_path / "cmp", {"deepseekmoe": [{"seed": 0, "run_dir": "d0", "complete": False},
+                                                           {"seed": 1, "run_dir": "d1"}]})
+    assert experts._compare_models(str(run)) == [
+        ("deepseekmoe_seed-1", str(run / "deepseekmoe" / "seed-1"), "deepseekmoe")]
 
 
 # ------------------------------------------------------------------------------- statistics over seeds
@@ -537,3 +564,12 @@ def test_experts_refuses_a_model_without_moe_layers_and_a_used_folder(tmp_path, 
     assert main(["experts", "--model", str(dense), "--out", str(used)]) == 2
     assert f"dsmoe: error: output directory {used} already exists and is not empty" in capsys.readouterr().err
     assert [p.name for p in used.iterdir()] == ["mine.txt"]
+
+
+def test_experts_header_of_a_model_without_shared_experts(tmp_path, corpus, capsys):
+    gshard = tmp_path / "gshard"
+    DeepSeekMoEForCausalLM(get_preset("tiny", vocab_size=258, n_shared_experts=0)).save_pretrained(gshard)
+    argv = ["experts", "--model", str(gshard), "--data", str(corpus), "--tokens", "16", "--seq-len", "8",
+            "--batch-size", "2", "--ratios", "0", "--device", "cpu", "--out", str(tmp_path / "ex")]
+    assert main(argv) == 0
+    assert "\n== gshard: 1 MoE layers, 0 shared + 8 routed experts, top-2\n" in capsys.readouterr().out
