@@ -453,13 +453,13 @@ def test_experts_of_two_models(two_models, corpus, tmp_path, capsys, figures):
         for r in rows:
             assert r["increase"] == pytest.approx(r["loss"] - s["loss"])
         assert rows[2]["loss"] != rows[1]["loss"] != rows[0]["loss"]
-        assert _table(block, "loss with each token's top routed experts disabled:")[1:] == [
+        assert _table(block, "loss with each token's top routed experts disabled:") == [["disabled", "ratio", "loss", "increase"]] + [
             [str(r["disabled"]), f"{r['ratio']:.4f}", f"{r['loss']:.4f}", f"{r['increase']:+.4f}"] for r in rows]
         # k = 1 and 2 activated; at the trained k = 2 it is the intact model
         assert [r["top_k"] for r in s["activated"]] == [1, 2]
         assert s["activated"][1]["loss"] == pytest.approx(s["loss"], rel=1e-6)
         assert s["activated"][0]["loss"] != s["activated"][1]["loss"]
-        assert _table(block, "loss with k activated routed experts per token:")[1:] == [
+        assert _table(block, "loss with k activated routed experts per token:") == [["k", "loss"]] + [
             [str(r["top_k"]), f"{r['loss']:.4f}"] for r in s["activated"]]
     with open(out / "ablation.csv", newline="") as f:
         assert list(csv.reader(f)) == [["model", "disabled", "ratio", "loss", "increase"]] + [
@@ -566,10 +566,20 @@ def test_experts_refuses_a_model_without_moe_layers_and_a_used_folder(tmp_path, 
     assert [p.name for p in used.iterdir()] == ["mine.txt"]
 
 
-def test_experts_header_of_a_model_without_shared_experts(tmp_path, corpus, capsys):
+def test_experts_of_a_model_without_shared_experts_routing_to_two(tmp_path, corpus, capsys):
+    """No shared experts, two MoE layers whose routers give every expert the same score: ties go
+    to the lower ids, so experts 0 and 1 take every token (4x the uniform load) and 6 are unused."""
     gshard = tmp_path / "gshard"
-    DeepSeekMoEForCausalLM(get_preset("tiny", vocab_size=258, n_shared_experts=0)).save_pretrained(gshard)
+    model = DeepSeekMoEForCausalLM(get_preset("tiny", vocab_size=258, n_shared_experts=0, num_hidden_layers=3))
+    for layer in model.moe_layers():
+        torch.nn.init.zeros_(layer.gate.weight)
+    model.save_pretrained(gshard)
     argv = ["experts", "--model", str(gshard), "--data", str(corpus), "--tokens", "16", "--seq-len", "8",
             "--batch-size", "2", "--ratios", "0", "--device", "cpu", "--out", str(tmp_path / "ex")]
     assert main(argv) == 0
-    assert "\n== gshard: 1 MoE layers, 0 shared + 8 routed experts, top-2\n" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "\n== gshard: 2 MoE layers, 0 shared + 8 routed experts, top-2\n" in text
+    rel = torch.tensor([4.0, 4.0, 0, 0, 0, 0, 0, 0])
+    cv = f"{rel.std() / rel.mean():.4f}"
+    assert _table(text, "routed load per layer (1.0 = uniform):") == [
+        ["layer", "max", "min", "cv", "unused"], ["1", "4.0000", "0.0000", cv, "6"], ["2", "4.0000", "0.0000", cv, "6"]]
