@@ -583,3 +583,6 @@ def test_experts_of_a_model_without_shared_experts_routing_to_two(tmp_path, corp
     cv = f"{rel.std() / rel.mean():.4f}"
     assert _table(text, "routed load per layer (1.0 = uniform):") == [
         ["layer", "max", "min", "cv", "unused"], ["1", "4.0000", "0.0000", cv, "6"], ["2", "4.0000", "0.0000", cv, "6"]]
+    summary = json.loads((tmp_path / "ex" / "experts.json").read_text())["gshard"]
+    assert summary["num_shared_experts"] == 0 and summary["moe_layers"] == [1, 2]
+    assert summary["load_per_layer"] == {"1": [16, 16, 0, 0, 0, 0, 0, 0], "2": [16, 16, 0, 0, 0, 0, 0, 0]}  # 2 x 8 tokens
