@@ -233,6 +233,25 @@ def _refusals(mesh) -> dict:
     return out
 
 
+def _facade_case(ctx, model, state: dict, hf_dir: Path) -> dict:
+    """The command line's DistributedTraining collectives, each seen from every rank."""
+    from dsmoe.cli.distributed.training import DistributedTraining
+
+    facade = DistributedTraining(ctx)
+    rank = ctx.rank
+    plain = facade.export_hf(model, hf_dir)
+    return {
+        "broadcast": [-_reduce_max(-facade.broadcast(rank + 10)), _reduce_max(facade.broadcast(rank + 10))],
+        "any": [-_reduce_max(-float(facade.any(rank == 1))), _reduce_max(float(facade.any(False)))],
+        # a float32 scalar whose sum over the ranks is not a float32 (2**24 + 1): summed in float64
+        "mean_scalar": facade.mean(torch.tensor(2.0**24 if rank == 0 else 1.0)),
+        "mean_vector": facade.mean(torch.tensor([float(rank), 4.0 * rank])),
+        # rank 0 holds the gathered copy (equal to the full state), every other rank None
+        "export_returns": _reduce_max(float((plain is not None) != (rank == 0))),
+        "export_diff": max_diff(plain.state_dict(), state) if rank == 0 else None,
+    }
+
+
 def worker_main(job: str, out_dir: Path) -> None:
     import torch.distributed as dist
     from dsmoe.distributed import full_state_dict, setup_from_env, shutdown, wrap_model
@@ -260,6 +279,7 @@ def worker_main(job: str, out_dir: Path) -> None:
         state = full_state_dict(model)
         if rank == 0:
             save_file(state, str(out_dir / "ckpt_a_full.safetensors"))
+        report["facade"] = _facade_case(ctx, model, state, out_dir / "hf_a")
     elif job == "b":
         cfg = tiny_config(num_expert_devices=2)
         torch.manual_seed(123)  # other weights than the checkpoint's
@@ -388,6 +408,18 @@ def test_resume_on_other_rank_count_matches_single_process(jobs):
     assert r["resume"]["params"] == 0.0  # loading moves bytes, no arithmetic
     t = r["train_2x2_resumed"]
     assert t["loss"] < TOL_LOSS and t["params"] < TOL_PARAM and t["exp_avg"] < TOL_PARAM, t
+
+
+def test_training_facade_collectives(jobs):
+    out, f = jobs[0], jobs[1]["a"]["facade"]
+    assert f["broadcast"] == [10, 10]  # rank 0's value on both ranks
+    assert f["any"] == [1.0, 0.0]  # true on every rank when one rank says so
+    assert f["mean_scalar"] == 2.0**23 + 0.5 and f["mean_vector"] == [0.5, 2.0]
+    assert f["export_returns"] == 0.0 and f["export_diff"] == 0.0
+    exported = dsmoe.DeepSeekMoEForCausalLM.from_pretrained(out / "hf_a")
+    from safetensors.torch import load_file
+
+    assert max_diff(exported.state_dict(), load_file(str(out / "ckpt_a_full.safetensors"))) == 0.0
 
 
 def test_bad_setups_refused_in_ranks(jobs):

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from dsmoe.cli import main
 from dsmoe.cli.train import add_arguments
@@ -49,8 +50,15 @@ def test_nproc_run_matches_single_process(runs):
         assert dist[key] == pytest.approx(single[key], abs=2e-5), key
     ckpt = runs / "dist" / "checkpoints" / "step-000003"
     assert is_dcp_checkpoint(ckpt) and (ckpt / "trainer_state.json").is_file()
-    # the final model is written in the Hugging Face layout, loadable by one process
-    assert (runs / "dist" / "model.safetensors").is_file()
+    # the final model is written in the Hugging Face layout, loadable by one process: the weights
+    # of the last checkpoint, gathered
+    from dsmoe import DeepSeekMoEForCausalLM
+
+    exported = DeepSeekMoEForCausalLM.from_pretrained(runs / "dist")
+    final = load_model(runs / "dist" / "checkpoints" / "step-000006")
+    assert exported.state_dict().keys() == final.state_dict().keys()
+    for name, tensor in final.state_dict().items():
+        assert torch.equal(exported.state_dict()[name], tensor), name
 
 
 def test_distributed_checkpoint_resumes_in_one_process(runs):
