@@ -586,3 +586,62 @@ def test_experts_of_a_model_without_shared_experts_routing_to_two(tmp_path, corp
     summary = json.loads((tmp_path / "ex" / "experts.json").read_text())["gshard"]
     assert summary["num_shared_experts"] == 0 and summary["moe_layers"] == [1, 2]
     assert summary["load_per_layer"] == {"1": [16, 16, 0, 0, 0, 0, 0, 0], "2": [16, 16, 0, 0, 0, 0, 0, 0]}  # 2 x 8 tokens
+
+
+# ------------------------------------------------------------------------------- the command line
+
+
+def test_experts_arguments_defaults_and_usage():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="dsmoe experts")
+    experts.add_arguments(p)
+    ns = p.parse_args(["--model", "m"])
+    assert (ns.split, ns.tokens, ns.seq_len, ns.batch_size, ns.ratios, ns.renormalize, ns.overwrite, ns.out) == \
+        ("val", 16384, 128, 8, None, False, False, None)
+    usage = " ".join(p.format_usage().split())
+    assert usage.startswith("usage: dsmoe experts [-h] (--model DIR [DIR ...] | --compare-run DIR) [--data PATH]")
+    assert "[--ratios R [R ...]]" in usage and "[--split {val,train}]" in usage
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "one of the arguments --model --compare-run is required"),
+    (["--model", "m", "--split", "test"], "argument --split: invalid choice: 'test' (choose from"),
+])
+def test_experts_argument_errors(capsys, args, message):
+    assert main(["experts", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_experts_smallest_sizes_and_overwrite(two_models, corpus, tmp_path, capsys):
+    out = tmp_path / "ex"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's")
+    (out / "load_gone.csv").write_text("an earlier run's model")
+    argv = ["experts", "--model", str(two_models[0]), "--data", str(corpus), "--tokens", "1", "--seq-len", "1",
+            "--batch-size", "1", "--ratios", "0", "--out", str(out), "--overwrite"]
+    assert main(argv) == 0
+    assert "val split, 1 batches of 1 x 1 tokens\n" in capsys.readouterr().out
+    # --overwrite replaces what the command writes (a model of the earlier run included), nothing else
+    assert sorted(p.name for p in out.iterdir() if p.name != ".dsmoe.lock") == [
+        "ablation.csv", "ablation.png", "activated.csv", "activated.png", "experts.json", "load_a.csv", "load_a.png",
+        "notes.txt"]
+
+
+def test_experts_evaluates_a_bf16_checkpoint_in_fp32(two_models, corpus, tmp_path, capsys):
+    bf16 = tmp_path / "bf16"
+    DeepSeekMoEForCausalLM.from_pretrained(two_models[0]).to(torch.bfloat16).save_pretrained(bf16)
+    out = tmp_path / "ex"
+    argv = ["experts", "--model", str(bf16), "--data", str(corpus), "--tokens", "130", "--seq-len", "16",
+            "--batch-size", "4", "--ratios", "0", "--out", str(out)]
+    assert main(argv) == 0
+    loss = json.loads((out / "experts.json").read_text())["bf16"]["loss"]
+    assert loss == pytest.approx(_cross_entropy(bf16, corpus, "val", 130, 16, 4), rel=1e-5)
+
+
+def test_report_counts_a_tie_with_gshard_as_matched(capsys):
+    groups = experts._group(_three_gshard_two_deepseekmoe())
+    for r, gap in zip(groups["deepseekmoe_vs_gshard"]["activated"], (0.4, 0.0, -0.25)):
+        r["gap"] = gap
+    experts._report(groups)
+    assert "mean loss is at most GShard's with its full top-2: k = 2 of 3\n" in capsys.readouterr().out
