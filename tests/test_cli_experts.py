@@ -312,7 +312,7 @@ def _png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-@pytest.mark.parametrize("E, layers", [(8, [1, 3]), (40, [2]), (80, [1, 2, 5])])
+@pytest.mark.parametrize("E, layers", [(8, [1, 3]), (40, [2]), (64, [1]), (65, [1]), (80, [1, 2, 5])])
 def test_load_heatmap(figures, tmp_path, E, layers):
     loads = torch.arange(len(layers) * E, dtype=torch.int64).reshape(len(layers), E)
     loads[0] = 0  # a layer that routed nothing: zeros, not NaN
@@ -645,3 +645,40 @@ def test_report_counts_a_tie_with_gshard_as_matched(capsys):
         r["gap"] = gap
     experts._report(groups)
     assert "mean loss is at most GShard's with its full top-2: k = 2 of 3\n" in capsys.readouterr().out
+
+
+def test_load_heatmap_of_fewer_tokens_than_experts(figures, tmp_path):
+    # 1 token x top-1 over 4 experts: the uniform load is 1/4 token, the routed expert 4x it
+    experts.plot_load(torch.tensor([[0, 1, 0, 0]]), [1], "t", tmp_path / "l.png")
+    (fig, ax), = figures.figures
+    assert ax.images[0].get_array().data.tolist() == [[0.0, 4.0, 0.0, 0.0]]
+
+
+def _word_model(directory: Path, words: list[str]) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(["<unk>", "<s>", "</s>"] + words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    DeepSeekMoEForCausalLM(get_preset("tiny", bos_token_id=1, eos_token_id=2)).save_pretrained(directory)
+    tok.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+def test_experts_tokenises_once_per_distinct_tokenizer(two_models, corpus, tmp_path, capsys):
+    words = _word_model(tmp_path / "w" / "words", ["def", "return", "x"])
+    same = _word_model(tmp_path / "w" / "same", ["def", "return", "x"])
+    other = _word_model(tmp_path / "w" / "other", ["def"])
+    argv = ["experts", "--model", str(two_models[0]), str(words), str(same), str(other), "--data", str(corpus),
+            "--tokens", "16", "--seq-len", "8", "--batch-size", "2", "--ratios", "0", "--out", str(tmp_path / "ex")]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    # bytes, the three-word vocabulary (twice: the same tokenizer.json), the one-word vocabulary
+    assert text.count("data: ") == 3
+    summary = json.loads((tmp_path / "ex" / "experts.json").read_text())
+    assert list(summary) == ["a", "words", "same", "other"]
+
+
+def test_experts_accepts_the_longest_sequence(two_models, corpus, tmp_path):
+    argv = ["experts", "--model", str(two_models[0]), "--data", str(corpus), "--tokens", "128", "--seq-len", "128",
+            "--batch-size", "1", "--ratios", "0", "--out", str(tmp_path / "ex")]
+    assert main(argv) == 0  # the tiny preset's max_position_embeddings
