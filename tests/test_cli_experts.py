@@ -601,7 +601,7 @@ def test_experts_arguments_defaults_and_usage():
         ("val", 16384, 128, 8, None, False, False, None)
     usage = " ".join(p.format_usage().split())
     assert usage.startswith("usage: dsmoe experts [-h] (--model DIR [DIR ...] | --compare-run DIR) [--data PATH]")
-    assert "[--ratios R [R ...]]" in usage and "[--split {val,train}]" in usage
+    assert "[--ratios R [R ...]]" in usage and "[--split {val,train}]" in usage and "[--out DIR]" in usage
 
 
 @pytest.mark.parametrize("args, message", [

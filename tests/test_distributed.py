@@ -220,6 +220,13 @@ def _refusals(mesh) -> dict:
         out["devices"] = "accepted"
     except ValueError as e:
         out["devices"] = str(e)
+    from dsmoe.distributed import ExpertParallelExperts
+
+    try:  # built directly, not through apply_expert_parallel's own check
+        ExpertParallelExperts(3, 8, 4, mesh["ep"])
+        out["module_experts"] = "accepted"
+    except ValueError as e:
+        out["module_experts"] = str(e)
     # accepted: num_expert_devices 1 (one device, the default) becomes the ep size when the
     # device-level loss is on; with its alpha 0 the config and the layers keep what they had
     one = dsmoe.DeepSeekMoEForCausalLM(tiny_config(num_expert_devices=1))
@@ -426,6 +433,7 @@ def test_bad_setups_refused_in_ranks(jobs):
     refused = jobs[1]["a"]["refused"]
     assert "n_routed_experts=3" in refused["experts"] and "ep=2" in refused["experts"]
     assert "num_expert_devices=4" in refused["devices"] and "ep=2" in refused["devices"]
+    assert "n_routed_experts=3 is not divisible by ep=2" in refused["module_experts"]
     assert refused["devices_from_one"] == [2, 2, 2]  # the config, then each of the two MoE layers
     assert refused["device_loss_off"] == [1, True, True]
 
