@@ -599,6 +599,9 @@ def test_experts_arguments_defaults_and_usage():
     ns = p.parse_args(["--model", "m"])
     assert (ns.split, ns.tokens, ns.seq_len, ns.batch_size, ns.ratios, ns.renormalize, ns.overwrite, ns.out) == \
         ("val", 16384, 128, 8, None, False, False, None)
+    assert (ns.device, ns.impl) == ("auto", "dsmoe")
+    for impl in ("dsmoe", "reference"):
+        assert p.parse_args(["--model", "m", "--impl", impl]).impl == impl
     usage = " ".join(p.format_usage().split())
     assert usage.startswith("usage: dsmoe experts [-h] (--model DIR [DIR ...] | --compare-run DIR) [--data PATH]")
     assert "[--ratios R [R ...]]" in usage and "[--split {val,train}]" in usage and "[--out DIR]" in usage
@@ -607,6 +610,7 @@ def test_experts_arguments_defaults_and_usage():
 @pytest.mark.parametrize("args, message", [
     ([], "one of the arguments --model --compare-run is required"),
     (["--model", "m", "--split", "test"], "argument --split: invalid choice: 'test' (choose from"),
+    (["--model", "m", "--impl", "cuda"], "argument --impl: invalid choice: 'cuda' (choose from"),
 ])
 def test_experts_argument_errors(capsys, args, message):
     assert main(["experts", *args]) == 2

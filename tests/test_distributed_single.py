@@ -562,6 +562,7 @@ def test_expert_parallel_experts_on_one_rank(one_rank):
     assert repr(fresh).endswith(
         "(num_experts=16, local_experts=0..15, ep_size=1, hidden_size=32, intermediate_size=24)")
     wide = ExpertParallelExperts(4, 8, 6, ep_mesh, init_std=0.5, dtype=torch.float64)
+    assert wide.w_gate_up.to_local().dtype == torch.float64
     assert wide.w_down.to_local().dtype == torch.float64 and abs(wide.w_down.to_local().std().item() - 0.5) < 0.15
 
     # from a RoutedExperts: the same weights, forward with the default impl equals the original
