@@ -214,6 +214,12 @@ def _refusals(mesh) -> dict:
         out["experts"] = "accepted"
     except ValueError as e:
         out["experts"] = str(e)
+    try:  # the model itself (wrap_model checks first), left as it was
+        apply_expert_parallel(bad_e, mesh["ep"])
+        out["experts_apply"] = "accepted"
+    except ValueError as e:
+        out["experts_apply"] = str(e)
+    out["experts_apply_devices"] = bad_e.config.num_expert_devices
     bad_d = dsmoe.DeepSeekMoEForCausalLM(tiny_config(num_expert_devices=4))
     try:
         apply_expert_parallel(bad_d, mesh["ep"])
@@ -433,6 +439,10 @@ def test_bad_setups_refused_in_ranks(jobs):
     refused = jobs[1]["a"]["refused"]
     assert "n_routed_experts=3" in refused["experts"] and "ep=2" in refused["experts"]
     assert "num_expert_devices=4" in refused["devices"] and "ep=2" in refused["devices"]
+    assert refused["devices"].endswith(
+        "the device-level balance loss must group the experts as the expert-parallel ranks hold them")
+    assert "n_routed_experts=3 is not divisible by ep=2" in refused["experts_apply"]
+    assert refused["experts_apply_devices"] == 1  # refused before the config was touched
     assert "n_routed_experts=3 is not divisible by ep=2" in refused["module_experts"]
     assert refused["devices_from_one"] == [2, 2, 2]  # the config, then each of the two MoE layers
     assert refused["device_loss_off"] == [1, True, True]
