@@ -686,3 +686,11 @@ def test_experts_accepts_the_longest_sequence(two_models, corpus, tmp_path):
     argv = ["experts", "--model", str(two_models[0]), "--data", str(corpus), "--tokens", "128", "--seq-len", "128",
             "--batch-size", "1", "--ratios", "0", "--out", str(tmp_path / "ex")]
     assert main(argv) == 0  # the tiny preset's max_position_embeddings
+
+
+def test_paired_ablation_goes_on_past_a_ratio_one_seed_lacks():
+    s = _three_gshard_two_deepseekmoe()
+    s["gshard_seed-0"]["ablation"] = [r for r in s["gshard_seed-0"]["ablation"] if r["ratio"] != 1 / 16]
+    cmp = experts._group(s)["deepseekmoe_vs_gshard"]
+    # seeds 0 and 1 are paired; 1/16 is missing for GShard seed 0, 2/16 is there for every one
+    assert cmp["seeds"] == ["0", "1"] and [r["ratio"] for r in cmp["ablation"]] == [2 / 16]
