@@ -694,3 +694,14 @@ def test_paired_ablation_goes_on_past_a_ratio_one_seed_lacks():
     cmp = experts._group(s)["deepseekmoe_vs_gshard"]
     # seeds 0 and 1 are paired; 1/16 is missing for GShard seed 0, 2/16 is there for every one
     assert cmp["seeds"] == ["0", "1"] and [r["ratio"] for r in cmp["ablation"]] == [2 / 16]
+
+
+def test_plots_of_models_given_by_folder_name_them(figures, tmp_path):
+    s = _three_gshard_two_deepseekmoe()
+    groups = experts._group({"run_a": {**s["gshard_seed-0"], "group": "run_a"},
+                             "run_b": {**s["deepseekmoe_seed-0"], "group": "run_b"}})
+    experts.plot_ablation(groups, tmp_path / "a.png")
+    experts.plot_activated(groups, tmp_path / "k.png")
+    (_, ax_a), (_, ax_k) = figures.figures
+    assert [t.get_text() for t in ax_a.get_legend().get_texts()] == ["run_a (1)", "run_b (1)"]
+    assert [t.get_text() for t in ax_k.get_legend().get_texts()] == ["run_a (trained top-2)", "run_b (trained top-3)"]
