@@ -7,6 +7,7 @@ has no CUDA kernels is an error, not a silent skip.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,6 +74,20 @@ def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
     path.write_text("".join(f"def f{i % 7}(x):\n    return x * {i % 5} + {i % 3}\n" for i in range(400)))
     return path
+
+
+def save_word_level_tokenizer(directory, words, special_tokens=()):
+    """A word-level tokenizer.json (``<unk> <s> </s>`` then ``words``, split on whitespace) in
+    ``directory``: a non-byte tokenizer like released checkpoints have."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = ["<unk>", "<s>", "</s>"] + list(words)
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if special_tokens:
+        tok.add_special_tokens(list(special_tokens))
+    tok.save(str(Path(directory) / "tokenizer.json"))
+    return vocab
 
 
 def assert_close(actual, expected, dtype=None, scale: float = 1.0, msg: str = ""):

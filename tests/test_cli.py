@@ -142,17 +142,13 @@ def test_generate_streams_from_a_checkpoint(trained, capsys):
 
 def test_generate_reads_a_checkpoint_with_its_own_tokenizer(tmp_path, capsys):
     """A Hugging Face-layout checkpoint with a non-byte tokenizer.json (as released ones have)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
+    from conftest import save_word_level_tokenizer
     from dsmoe.config import get_preset
     from dsmoe.model import DeepSeekMoEForCausalLM
 
-    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(61)]
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
     model = DeepSeekMoEForCausalLM(get_preset("tiny", bos_token_id=1, eos_token_id=2))
     model.save_pretrained(tmp_path)
-    tok.save(str(tmp_path / "tokenizer.json"))
+    save_word_level_tokenizer(tmp_path, [f"w{i}" for i in range(61)])
     assert main(["generate", "--model", str(tmp_path), "--prompt", "w1 w2", "--max-new-tokens", "6", "--no-stop"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("w1 w2") and len(out.split()) > 2

@@ -20,6 +20,8 @@ from dsmoe.cli.common import CLIError
 from dsmoe.cli.data import eval_batches, load_token_data
 from dsmoe.tokenizer import ByteTokenizer
 
+from conftest import save_word_level_tokenizer
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -53,7 +55,7 @@ def test_labels_of_absolute_folders_that_differ_first():
     assert experts._label(["/w/DeepSeek-V2", "/w/Xmodel.X"]) == ["DeepSeek-V2", "Xmodel.X"]
 
 
-def test_evaluate_is_the_library_function(tmp_path):
+def test_evaluate_is_the_library_function():
     from dsmoe import analysis
 
     torch.manual_seed(0)
@@ -632,7 +634,7 @@ def test_experts_smallest_sizes_and_overwrite(two_models, corpus, tmp_path, caps
         "notes.txt"]
 
 
-def test_experts_evaluates_a_bf16_checkpoint_in_fp32(two_models, corpus, tmp_path, capsys):
+def test_experts_evaluates_a_bf16_checkpoint_in_fp32(two_models, corpus, tmp_path):
     bf16 = tmp_path / "bf16"
     DeepSeekMoEForCausalLM.from_pretrained(two_models[0]).to(torch.bfloat16).save_pretrained(bf16)
     out = tmp_path / "ex"
@@ -659,12 +661,8 @@ def test_load_heatmap_of_fewer_tokens_than_experts(figures, tmp_path):
 
 
 def _word_model(directory: Path, words: list[str]) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(["<unk>", "<s>", "</s>"] + words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
     DeepSeekMoEForCausalLM(get_preset("tiny", bos_token_id=1, eos_token_id=2)).save_pretrained(directory)
-    tok.save(str(directory / "tokenizer.json"))
+    save_word_level_tokenizer(directory, words)
     return directory
 
 

@@ -19,6 +19,8 @@ from dsmoe.cli.data import BOS_ID, EOS_ID, ByteTokenizer
 from dsmoe.config import get_preset
 from dsmoe.model import DeepSeekMoEForCausalLM
 
+from conftest import save_word_level_tokenizer
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -313,16 +315,10 @@ def test_no_new_tokens_prints_the_prompt(byte_model_dir, capsys):
 
 def _word_level_model(path, bos_id, eos_id):
     """A model with a word-level tokenizer.json (<unk> <s> </s> w0 ... w60): not byte-level."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(61)]
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(["<s>", "</s>"])
     torch.manual_seed(0)
     model = DeepSeekMoEForCausalLM(get_preset("tiny", bos_token_id=bos_id, eos_token_id=eos_id)).eval()
     model.save_pretrained(path)
-    tok.save(str(path / "tokenizer.json"))
+    words = save_word_level_tokenizer(path, [f"w{i}" for i in range(61)], special_tokens=["<s>", "</s>"])
     return model, words
 
 

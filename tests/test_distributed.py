@@ -253,9 +253,11 @@ def _facade_case(ctx, model, state: dict, hf_dir: Path) -> dict:
     facade = DistributedTraining(ctx)
     rank = ctx.rank
     plain = facade.export_hf(model, hf_dir)
+    got = facade.broadcast(rank + 10)
+    one_says_so = float(facade.any(rank == 1))
     return {
-        "broadcast": [-_reduce_max(-facade.broadcast(rank + 10)), _reduce_max(facade.broadcast(rank + 10))],
-        "any": [-_reduce_max(-float(facade.any(rank == 1))), _reduce_max(float(facade.any(False)))],
+        "broadcast": [-_reduce_max(-got), _reduce_max(got)],  # the fewest and most over the ranks
+        "any": [-_reduce_max(-one_says_so), _reduce_max(float(facade.any(False)))],
         # a float32 scalar whose sum over the ranks is not a float32 (2**24 + 1): summed in float64
         "mean_scalar": facade.mean(torch.tensor(2.0**24 if rank == 0 else 1.0)),
         "mean_vector": facade.mean(torch.tensor([float(rank), 4.0 * rank])),
