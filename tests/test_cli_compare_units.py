@@ -992,6 +992,13 @@ class _Figures:
 
 
 @pytest.fixture
+def no_plots(monkeypatch):
+    """The report's figures not drawn (tests of what it computes and writes)."""
+    monkeypatch.setattr(compare, "plot_curves", lambda *a: None)
+    monkeypatch.setattr(compare, "plot_load_over_time", lambda *a: None)
+
+
+@pytest.fixture
 def figures(monkeypatch):
     f = _Figures()
     monkeypatch.setattr(compare, "use_agg", lambda: f)
@@ -1244,9 +1251,7 @@ def test_report_of_some_variants_and_a_finished_run(tmp_path, figures, capsys):
     assert [f.get_suptitle() for f, _ in figures.figures[1:]] == []  # no recorded load, no load plot
 
 
-def test_report_keeps_the_seeds_in_order(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(compare, "plot_curves", lambda *a: None)
-    monkeypatch.setattr(compare, "plot_load_over_time", lambda *a: None)
+def test_report_keeps_the_seeds_in_order(no_plots, tmp_path, capsys):
     runs = {("gshard", s): ([4.0, 3.5, 3.2, 3.0], [0.1] * 4, [3.0, 2.0 + s / 10], True) for s in (8, 9, 10)}
     d = _compare_dir(tmp_path / "cmp", runs, loads={}, variants=("gshard",))
     assert main(["compare", "--report", str(d)]) == 0
@@ -1509,10 +1514,8 @@ def test_report_of_a_gap_without_a_trend(capsys):
 # ------------------------------------------------------------------------------- what the mutation pass asked for
 
 
-def test_report_locks_its_own_directory_and_creates_nothing_else(tmp_path, monkeypatch, capsys):
+def test_report_locks_its_own_directory_and_creates_nothing_else(no_plots, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # a lock taken on no directory would make runs/compare-<date> here
-    monkeypatch.setattr(compare, "plot_curves", lambda *a: None)
-    monkeypatch.setattr(compare, "plot_load_over_time", lambda *a: None)
     d = _compare_dir(tmp_path / "cmp")
     real, seen = compare._write_results, {}
 
@@ -1593,10 +1596,8 @@ def test_seed_order_numbers_first_then_names():
         "seed-0", "seed-2", "seed-10", "seed-a", "seed-x"]
 
 
-def test_report_of_a_finished_run_whose_last_evaluation_came_earlier(tmp_path, monkeypatch, capsys):
+def test_report_of_a_finished_run_whose_last_evaluation_came_earlier(no_plots, tmp_path, capsys):
     # finished: its model is saved and it logged its last step, whatever step it last evaluated at
-    monkeypatch.setattr(compare, "plot_curves", lambda *a: None)
-    monkeypatch.setattr(compare, "plot_load_over_time", lambda *a: None)
     runs = {("gshard", 0): ([4.0, 3.5, 3.2, 3.0], [0.1] * 4, [3.0], True)}  # evaluated at step 20 only
     d = _compare_dir(tmp_path / "cmp", runs, loads={}, variants=("gshard",))
     assert main(["compare", "--report", str(d)]) == 0
@@ -1605,9 +1606,7 @@ def test_report_of_a_finished_run_whose_last_evaluation_came_earlier(tmp_path, m
     assert [(r["seed"], r["complete"], r["final_val_loss"]) for r in per_seed] == [(0, True, 3.0)]
 
 
-def test_report_with_a_compare_json_without_settings_and_a_seed_never_started(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(compare, "plot_curves", lambda *a: None)
-    monkeypatch.setattr(compare, "plot_load_over_time", lambda *a: None)
+def test_report_with_a_compare_json_without_settings_and_a_seed_never_started(no_plots, tmp_path, capsys):
     runs = {("gshard", s): ([4.0, 3.5, 3.2, 3.0], [0.1] * 4, [3.0, 2.5], True) for s in (0, 2)}
     d = _compare_dir(tmp_path / "cmp", runs, loads={}, variants=("gshard",))
     (d / "gshard" / "seed-1").mkdir()  # never started (no train_args.json): seed 2 after it still counts
