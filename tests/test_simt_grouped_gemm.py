@@ -86,3 +86,17 @@ def test_out_of_range_ids_contribute_nothing(kern):
         contrib = torch.einsum("th,tnh->tn", x.double(), w_b.double()[e]) * weights[:, j:j + 1].double()
         ref += torch.where(valid[:, j:j + 1], contrib, torch.zeros_like(contrib))
     _check(y, ref, torch.float32, "chain with out-of-range ids")
+
+
+def test_more_groups_than_one_scan_block(kern):
+    # The tile offsets are scanned by one block of 1024 threads, 1024 groups at a time with the
+    # running total carried over: 1300 groups (many empty) take two chunks.
+    gen = torch.Generator().manual_seed(0)
+    counts = (torch.randint(0, 4, (1300,), generator=gen) * (torch.rand(1300, generator=gen) < 0.3)).tolist()
+    K, N = 8, 8
+    rows = sum(counts)
+    a = _rand(rows, K, dtype=torch.float32)
+    b = _rand(len(counts), N, K, dtype=torch.float32)
+    out = kern.run("grouped_gemm", a, b, offsets_from_counts(counts), True)
+    _check(out, _ref_forward(a, b, counts, True), torch.float32, "forward, 1300 groups")
+    assert sum(c > 0 for c in counts[1024:]) > 50  # groups with rows in the second chunk
