@@ -800,3 +800,185 @@ def test_a_new_run_publishes_its_config_under_its_name(corpus, tmp_path, monkeyp
     assert code == 0 and labels[0] == "the run's config"  # how a failure to write it is reported
     a = _resolve(*TINY, "--data", str(corpus), "--impl", "reference")
     assert train_mod.Trainer(a, None, None, progress=False).model.moe_impl == "reference"
+
+
+# ---- the training loop's edges: signals, cadences, what the log and the lines say
+
+
+def _signal_during(monkeypatch, method: str, sig, when) -> None:
+    """Sends ``sig`` to this process once ``Trainer.<method>`` returns and ``when(trainer, args)``
+    holds (the handler then runs at once, as it does for a signal from outside)."""
+    real = getattr(train_mod.Trainer, method)
+
+    def wrapped(self, *args):
+        result = real(self, *args)
+        if when(self, args):
+            os.kill(os.getpid(), sig)
+        return result
+
+    monkeypatch.setattr(train_mod.Trainer, method, wrapped)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("sig, name, code", [(signal.SIGTERM, "SIGTERM", 143), (signal.SIGINT, "Ctrl-C", 130)])
+def test_a_signal_mid_run_saves_and_says_how_to_continue(tmp_path, corpus, monkeypatch, capsys, sig, name, code):
+    _signal_during(monkeypatch, "train_step", sig, lambda trainer, args: args[0] == 1)  # during the second step
+    run = tmp_path / "r"
+    got, out = _train_quietly(*TINY, "--data", str(corpus), "--out", str(run), "--steps", "6", "--eval-every", "3",
+                              "--log-every", "1", "--sample-tokens", "0")
+    assert got == code  # 128 + the signal's number for SIGTERM, as shells report it; 130 for Ctrl-C
+    lines = out.splitlines()
+    assert lines[-2:] == [f"interrupted at step 2/6 ({name}); checkpoint saved to {run / 'checkpoints' / 'step-000002'}",
+                          f"continue with: dsmoe train --resume {run}"]
+    assert [line.split("|")[0].split()[1] for line in lines if line.startswith("step")] == ["1/6", "2/6"]  # the step finished
+    assert not [line for line in lines if line.startswith(("done:", "saved:"))]
+    assert [(r["step"], r["split"]) for r in _rows(run)] == [(1, "train"), (2, "train")]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
+    assert capsys.readouterr().err == f"\n{name}: finishing this step and saving a checkpoint ({name} again to stop without saving)\n"
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_signal_during_the_final_evaluation_stops_after_the_final_save(tmp_path, corpus, monkeypatch):
+    _signal_during(monkeypatch, "evaluate", signal.SIGTERM, lambda trainer, args: trainer.step == 3)
+    run = tmp_path / "r"
+    got, out = _train_quietly(*TINY, "--data", str(corpus), "--out", str(run), "--steps", "3", "--sample-tokens", "0")
+    assert got == 143
+    assert out.splitlines()[-1] == "stopped (SIGTERM) after the final save"
+    assert (run / "model.safetensors").is_file() and (run / "checkpoints" / "step-000003").is_dir()  # finished first
+    assert [(r["step"], r["split"]) for r in _rows(run)][-1] == (3, "val")
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_log_s_numbers_agree_with_the_printed_lines(one_run):
+    import re
+
+    _, run, out = one_run
+    rows = _rows(run)
+    printed_val = {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"step +(\d+)/5 \| val loss (\d+\.\d{4})", out)}
+    printed_val[5] = float(re.search(r"val loss (\d+\.\d{4})\n", out[out.index("done: "):]).group(1))
+    logged_val = {r["step"]: r["loss"] for r in rows if r["split"] == "val"}
+    assert logged_val.keys() == printed_val.keys() == {2, 4, 5}
+    assert all(isinstance(v, float) and abs(v - printed_val[s]) <= 5e-5 for s, v in logged_val.items())
+    train = [r for r in rows if r["split"] == "train"]
+    for r in train:
+        assert r["tokens_per_s"] == round(r["tokens_per_s"], 1)  # one decimal, as documented
+    # each step's duration (tokens / tokens_per_s) fits between two rows' elapsed times, and the
+    # elapsed time is this run's (the steps plus evaluations and saves, not a clock's reading)
+    durations = [64 / r["tokens_per_s"] for r in train]
+    assert all(d <= later["elapsed_s"] - earlier["elapsed_s"] + 0.06
+               for d, earlier, later in zip(durations[1:], train, train[1:]))
+    assert train[-1]["elapsed_s"] <= sum(durations) + 60
+    # a step line's tokens/s: over the steps so far (at most 20), tokens over their summed durations
+    for m in re.finditer(r"step +(\d+)/5 \| loss .* \| ([\d.]+)(k?) tok/s", out):
+        n = int(m.group(1))
+        shown = float(m.group(2)) * (1000 if m.group(3) else 1)
+        want = 64 * n / sum(durations[:n])
+        assert shown == pytest.approx(want, rel=0.06, abs=1), (n, shown, want)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("steps, lines_at, evals_at", [
+    (7, list(range(1, 8)), [1, 2, 3, 4, 5, 6, 7]),  # steps // 5 == 1: every step; steps // 20 == 0: a line a step
+    (30, list(range(1, 31)), [6, 12, 18, 24, 30]),  # every 30 // 5 steps; 30 // 20 == 1: still a line a step
+])
+def test_default_cadences_of_short_runs(tmp_path, corpus, steps, lines_at, evals_at):
+    code, out = _train_quietly("--preset", "tiny", "--data", str(corpus), "--out", str(tmp_path / "r"), "--steps", str(steps),
+                               "--batch-size", "1", "--seq-len", "8", "--eval-batches", "1", "--no-progress",
+                               "--sample-tokens", "0")
+    assert code == 0
+    lines = out.splitlines()
+    assert [int(line.split()[1].split("/")[0]) for line in lines if line.startswith("step") and "| loss" in line] == lines_at
+    assert [r["step"] for r in _rows(tmp_path / "r") if r["split"] == "val"] == evals_at
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_periodic_saves_leave_the_last_step_to_the_final_save(tmp_path, corpus):
+    run = tmp_path / "r"
+    code, out = _train_quietly(*TINY, "--data", str(corpus), "--out", str(run), "--steps", "4", "--save-every", "2",
+                               "--sample-tokens", "0")
+    assert code == 0
+    assert [line for line in out.splitlines() if line.startswith("checkpoint:")] == \
+        [f"checkpoint: {run / 'checkpoints' / 'step-000002'}"]  # step 4 is saved once, as the final checkpoint
+    assert f"saved: {run} (model), {run / 'checkpoints' / 'step-000004'} (checkpoint), {run / 'log.csv'}, " \
+           f"{run / 'loss.png'}" in out.splitlines()
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_resumed_run_s_progress_bar_counts_from_the_checkpoint(tmp_path, corpus, monkeypatch, capsys):
+    import re
+    import shutil
+
+    from dsmoe.cli import main
+
+    assert main(["train", *TINY, "--data", str(corpus), "--out", str(tmp_path / "a"), "--steps", "4",
+                 "--save-every", "2", "--sample-tokens", "0"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(train_mod, "stderr_is_tty", lambda: True)
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda *a: os.terminal_size((90, 30)))
+    assert main(["train", "--resume", str(tmp_path / "a" / "checkpoints" / "step-000002"), "--out", str(tmp_path / "b"),
+                 "--sample-tokens", "0"]) == 0
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    counts = [line for line in bar if "/4 [" in line]
+    final = [line for line in bar if re.search(r"step/s|s/step", line)][-1]  # the bar as it closed
+    assert counts and "2/4 [" in counts[0] and "4/4 [" in final and "100%" in final
+    assert not [line for line in counts if "0/4 [" in line or "1/4 [" in line]  # starts at the checkpoint's step
+    assert max(len(line) for line in bar) <= 90 and re.search(r"\dstep/s|s/step", final)  # its unit: steps
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("main", [True, False])
+def test_a_distributed_run_s_header_and_the_other_ranks_files(corpus, tmp_path, capsys, main):
+    """`_train` under a stand-in DistributedTraining: the header says how the run is spread and
+    what --batch-size means there; only rank 0 (``main``) writes the log and the plot."""
+
+    class Dist:
+        def describe(self):
+            return "2 processes (gloo), mesh dp 1 x ep 2"
+
+        def should_stop(self, requested):
+            return requested is not None
+
+        def export_hf(self, model, run_dir):
+            return model
+
+    run = tmp_path / "r"
+    run.mkdir()
+    a = _resolve(*TINY, "--data", str(corpus), "--steps", "2", "--sample-tokens", "0")
+    trainer = train_mod.Trainer(a, run, None, progress=False)
+    assert train_mod._train(None, a, trainer, run, None, False, main, Dist()) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[4] == "distributed: 2 processes (gloo), mesh dp 1 x ep 2; --batch-size 4 is the global batch"
+    assert (run / "log.jsonl").is_file() is main and (run / "loss.png").is_file() is main
+    assert (run / "checkpoints" / "step-000002").is_dir()  # every rank takes part in the save
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("signalled_here", [True, False])
+def test_a_distributed_run_stops_when_any_process_asks(corpus, tmp_path, monkeypatch, capsys, signalled_here):
+    """Every rank asks the group after each step (`should_stop`, a collective) with what it saw
+    itself; the answer decides, also where this process got no signal."""
+    asked = []
+
+    class Dist:
+        def describe(self):
+            return "2 processes (gloo), mesh dp 2 x ep 1"
+
+        def should_stop(self, requested):
+            asked.append(requested)
+            return requested is not None or len(asked) == 2  # another process was signalled in step 2
+
+    if signalled_here:
+        _signal_during(monkeypatch, "train_step", signal.SIGTERM, lambda trainer, args: args[0] == 0)
+    run = tmp_path / "r"
+    run.mkdir()
+    a = _resolve(*TINY, "--data", str(corpus), "--steps", "5", "--sample-tokens", "0")
+    trainer = train_mod.Trainer(a, run, None, progress=False)
+    code = train_mod._train(None, a, trainer, run, None, False, True, Dist())
+    lines = capsys.readouterr().out.splitlines()
+    if signalled_here:
+        assert code == 143 and asked == ["SIGTERM"]
+        assert lines[-2] == f"interrupted at step 1/5 (SIGTERM); checkpoint saved to {run / 'checkpoints' / 'step-000001'}"
+    else:
+        assert code == 130 and asked == [None, None]
+        assert lines[-2] == (f"interrupted at step 2/5 (stop requested by another process); checkpoint saved to "
+                             f"{run / 'checkpoints' / 'step-000002'}")

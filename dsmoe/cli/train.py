@@ -551,7 +551,9 @@ def _train(ns, a: dict, trainer: Trainer, run_dir: Path, resume_ckpt: Path | Non
 
         if interrupted:
             path = trainer.save()
-            print(f"interrupted at step {trainer.step}/{steps} ({stop.requested}); checkpoint saved to {path}")
+            # under --nproc the signal may have reached another process (or the launcher) only
+            reason = stop.requested or "stop requested by another process"
+            print(f"interrupted at step {trainer.step}/{steps} ({reason}); checkpoint saved to {path}")
             print(f"continue with: dsmoe train --resume {run_dir}")
             return 143 if stop.requested == "SIGTERM" else 130
 
