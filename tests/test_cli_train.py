@@ -939,13 +939,16 @@ def test_a_distributed_run_s_header_and_the_other_ranks_files(corpus, tmp_path, 
             return requested is not None
 
         def export_hf(self, model, run_dir):
+            exported.append((model, run_dir))
             return model
 
+    exported = []
     run = tmp_path / "r"
     run.mkdir()
     a = _resolve(*TINY, "--data", str(corpus), "--steps", "2", "--sample-tokens", "0")
     trainer = train_mod.Trainer(a, run, None, progress=False)
     assert train_mod._train(None, a, trainer, run, None, False, main, Dist()) == 0
+    assert exported == [(trainer.model, run)]  # every rank takes part in gathering the final model
     lines = capsys.readouterr().out.splitlines()
     assert lines[4] == "distributed: 2 processes (gloo), mesh dp 1 x ep 2; --batch-size 4 is the global batch"
     assert (run / "log.jsonl").is_file() is main and (run / "loss.png").is_file() is main
@@ -982,3 +985,91 @@ def test_a_distributed_run_stops_when_any_process_asks(corpus, tmp_path, monkeyp
         assert code == 130 and asked == [None, None]
         assert lines[-2] == (f"interrupted at step 2/5 (stop requested by another process); checkpoint saved to "
                              f"{run / 'checkpoints' / 'step-000002'}")
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("extra, refusal", [
+    (["--steps", "2"], "--resume: the checkpoint is at step 2; nothing left to do for --steps 2"),
+    (["--steps", "1"], "--resume: the checkpoint is at step 2; nothing left to do for --steps 1"),
+    (["--steps", "3", "--out", "{ckpt}/inner"], "--out {ckpt}/inner is inside the checkpoint {ckpt} being resumed; "
+                                "a checkpoint is never written into: choose another --out"),
+])
+def test_resumes_with_nothing_to_do_or_into_the_checkpoint_are_refused(tmp_path, corpus, capsys, extra, refusal):
+    from dsmoe.cli import main
+
+    assert main(["train", *TINY, "--data", str(corpus), "--out", str(tmp_path / "a"), "--steps", "2",
+                 "--sample-tokens", "0"]) == 0
+    ckpt = tmp_path / "a" / "checkpoints" / "step-000002"
+    capsys.readouterr()
+    assert main(["train", "--resume", str(ckpt), *[x.format(ckpt=ckpt) for x in extra]]) == 2
+    assert capsys.readouterr().err == f"dsmoe: error: {refusal.format(ckpt=ckpt)}\n"
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["step-000002"]  # untouched
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("steps", [1, 30])
+def test_the_closing_summary_is_computed_from_the_log(tmp_path, corpus, steps):
+    """done: the first step's loss, the mean of the last (at most) 10, and tokens/s over the
+    steps after the first (which includes one-off set-up) as total tokens over total time."""
+    import re
+
+    run = tmp_path / "r"
+    code, out = _train_quietly("--preset", "tiny", "--data", str(corpus), "--out", str(run), "--steps", str(steps),
+                               "--batch-size", "1", "--seq-len", "8", "--eval-batches", "1", "--no-progress",
+                               "--sample-tokens", "0")
+    assert code == 0
+    train = [r for r in _rows(run) if r["split"] == "train"]
+    last = train[-10:]
+    timed = train[1:] or train
+    tps = len(timed) * 8 / sum(8 / r["tokens_per_s"] for r in timed)
+    done = next(line for line in out.splitlines() if line.startswith("done: "))
+    want = (f"done: {steps} steps, {8 * steps:,} tokens in \\d+s \\(~{re.escape(train_mod._fmt_tokens(tps))} tokens/s\\); "
+            f"train loss {train[0]['loss']:.3f} -> {sum(r['loss'] for r in last) / len(last):.3f} "
+            f"\\(mean of last {len(last)}\\), val loss \\d+\\.\\d{{4}}")
+    assert re.fullmatch(want, done), (done, want)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("argv, own_data, prompt", [
+    (["--sample-tokens", "1"], True, "\n"),  # a corpus of the user's: a new line
+    (["--sample-tokens", "3", "--sample-prompt", "x = "], True, "x = "),
+    (["--sample-tokens", "2"], False, "def "),  # the embedded corpus (Python code)
+])
+def test_the_closing_sample_s_settings(tmp_path, corpus, monkeypatch, argv, own_data, prompt):
+    from dsmoe.cli import generate
+
+    calls = []
+    monkeypatch.setattr(generate, "stream", lambda *args, **kw: calls.append((args, kw)))
+    data = ["--data", str(corpus)] if own_data else []
+    code, out = _train_quietly(*TINY, *data, "--out", str(tmp_path / "r"), "--steps", "1", "--seed", "9", *argv)
+    assert code == 0
+    (args, kw), = calls
+    assert args[2:] == (prompt, int(argv[1])) and kw["seed"] == 9
+    assert (kw["temperature"], kw["top_k"], kw["top_p"]) == (0.8, 40, None)  # as the header says:
+    assert out.splitlines()[-1] == "sample (temperature 0.8, top-k 40, seed 9):"
+    calls.clear()
+    code, out = _train_quietly(*TINY, "--data", str(corpus), "--out", str(tmp_path / "q"), "--steps", "1",
+                               "--sample-tokens", "0")
+    assert code == 0 and calls == [] and not [line for line in out.splitlines() if line.startswith("sample")]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_failed_final_save_says_what_was_not_saved(tmp_path, corpus, monkeypatch, capsys):
+    import errno
+
+    from dsmoe import DeepSeekMoEForCausalLM
+    from dsmoe.cli import main
+
+    real = DeepSeekMoEForCausalLM.save_pretrained
+
+    def disk_full_for_the_final_model(self, folder, *args, **kw):
+        if Path(folder).name.startswith(".publish.tmp-"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, folder, *args, **kw)
+
+    monkeypatch.setattr(DeepSeekMoEForCausalLM, "save_pretrained", disk_full_for_the_final_model)
+    run = tmp_path / "r"
+    assert main(["train", *TINY, "--data", str(corpus), "--out", str(run), "--steps", "2", "--sample-tokens", "0"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"dsmoe: error: cannot save the final model into {run} (No space left on device); the partial files were removed")
+    assert (run / "checkpoints" / "step-000002").is_dir() and not (run / "model.safetensors").exists()
