@@ -862,6 +862,9 @@ def test_the_log_s_numbers_agree_with_the_printed_lines(one_run):
     train = [r for r in rows if r["split"] == "train"]
     for r in train:
         assert r["tokens_per_s"] == round(r["tokens_per_s"], 1)  # one decimal, as documented
+    assert any(r["tokens_per_s"] != int(r["tokens_per_s"]) for r in train)  # (not whole numbers)
+    # the final validation comes after the last step: the run's time as that step left it
+    assert rows[-1]["split"] == "val" and rows[-1]["elapsed_s"] == train[-1]["elapsed_s"]
     # each step's duration (tokens / tokens_per_s) fits between two rows' elapsed times, and the
     # elapsed time is this run's (the steps plus evaluations and saves, not a clock's reading)
     durations = [64 / r["tokens_per_s"] for r in train]
@@ -993,6 +996,8 @@ def test_a_distributed_run_stops_when_any_process_asks(corpus, tmp_path, monkeyp
     (["--steps", "1"], "--resume: the checkpoint is at step 2; nothing left to do for --steps 1"),
     (["--steps", "3", "--out", "{ckpt}/inner"], "--out {ckpt}/inner is inside the checkpoint {ckpt} being resumed; "
                                 "a checkpoint is never written into: choose another --out"),
+    (["--steps", "3", "--out", "{parent}", "--overwrite"],
+     "--overwrite of --out {parent} could delete the checkpoint {ckpt} being resumed; choose another --out"),
 ])
 def test_resumes_with_nothing_to_do_or_into_the_checkpoint_are_refused(tmp_path, corpus, capsys, extra, refusal):
     from dsmoe.cli import main
@@ -1001,8 +1006,8 @@ def test_resumes_with_nothing_to_do_or_into_the_checkpoint_are_refused(tmp_path,
                  "--sample-tokens", "0"]) == 0
     ckpt = tmp_path / "a" / "checkpoints" / "step-000002"
     capsys.readouterr()
-    assert main(["train", "--resume", str(ckpt), *[x.format(ckpt=ckpt) for x in extra]]) == 2
-    assert capsys.readouterr().err == f"dsmoe: error: {refusal.format(ckpt=ckpt)}\n"
+    assert main(["train", "--resume", str(ckpt), *[x.format(ckpt=ckpt, parent=tmp_path) for x in extra]]) == 2
+    assert capsys.readouterr().err == f"dsmoe: error: {refusal.format(ckpt=ckpt, parent=tmp_path)}\n"
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["step-000002"]  # untouched
 
 
