@@ -1078,3 +1078,50 @@ def test_a_failed_final_save_says_what_was_not_saved(tmp_path, corpus, monkeypat
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"dsmoe: error: cannot save the final model into {run} (No space left on device); the partial files were removed")
     assert (run / "checkpoints" / "step-000002").is_dir() and not (run / "model.safetensors").exists()
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_training_step_on_several_ranks(corpus):
+    """Under a stand-in DistributedTraining: the step trains on this rank's half of the global
+    batch, asks every rank whether a loss went bad, clips with the group's norm and reports the
+    mean over ranks (the stand-in adds 100)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from dsmoe.cli.data import train_batch
+
+    a = _resolve(*TINY, "--data", str(corpus), "--steps", "4", "--seed", "1", "--grad-clip", "0.5")
+    trainer = train_mod.Trainer(a, None, None, progress=False)
+    twin = copy.deepcopy(trainer.model)  # the same step by hand, on the first half of the batch
+    x, y = train_batch(trainer.data.train, 0, 1, 4, 16)
+    out = twin(x[:2])
+    ce = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), y[:2].reshape(-1))
+    (ce + out.aux_loss).backward()
+    norm = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5)
+
+    class Dist(_FakeDist):
+        def any(self, flag):
+            self.calls.append(("any", bool(flag)))
+            return flag
+
+        def clip_grad_norm_(self, params, max_norm):
+            params = list(params)
+            self.calls.append(("clip", len(params), max_norm))
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+        def mean(self, value):
+            self.calls.append(("mean", value.tolist()))
+            return (value + 100.0).tolist()
+
+    fake = Dist()
+    trainer.dist = fake
+    r = trainer.train_step(0)
+    assert [c[0] for c in fake.calls] == ["local_batch", "any", "clip", "mean"]
+    assert fake.calls[0] == ("local_batch", 4, 4) and fake.calls[1] == ("any", False)
+    assert fake.calls[2] == ("clip", len(list(trainer.model.parameters())), 0.5)
+    loss, aux, got_ce = fake.calls[3][1]
+    assert got_ce == pytest.approx(ce.item(), rel=1e-5) and aux == pytest.approx(out.aux_loss.item(), rel=1e-5)
+    assert loss == pytest.approx(ce.item() + out.aux_loss.item(), rel=1e-5)
+    assert (r.loss, r.aux_loss, r.ce) == pytest.approx((loss + 100, aux + 100, got_ce + 100))
+    assert float(norm) > 0
