@@ -737,7 +737,7 @@ def test_trainer_under_a_distributed_run(corpus, tmp_path, monkeypatch):
     t = train_mod.Trainer(a, tmp_path, None, progress=True, dist=dist)
     assert seen == ["cpu"] and t.dist is dist and t.device == torch.device("cpu") and t.run_dir == tmp_path and t.progress is True
     (model, optimizer, fused), = calls
-    assert model is t.model and optimizer is t.optimizer
+    assert model is t.model and optimizer is t.optimizer and isinstance(model, torch.nn.Module)
     assert fused == [None, None]  # not torch's fused AdamW on sharded (DTensor) parameters
 
 
@@ -1125,3 +1125,50 @@ def test_a_training_step_on_several_ranks(corpus):
     assert loss == pytest.approx(ce.item() + out.aux_loss.item(), rel=1e-5)
     assert (r.loss, r.aux_loss, r.ce) == pytest.approx((loss + 100, aux + 100, got_ce + 100))
     assert float(norm) > 0
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_loss_that_is_not_finite_stops_the_run_in_one_line(corpus, monkeypatch, ranks):
+    a = _resolve(*TINY, "--data", str(corpus), "--steps", "4")
+    trainer = train_mod.Trainer(a, None, None, progress=False)
+    real = trainer.forward
+
+    def nan_logits(x):
+        out = real(x)
+        out.logits = out.logits * float("nan")
+        return out
+
+    trainer.forward = nan_logits
+    votes = []
+    if ranks == 2:
+        class Dist(_FakeDist):
+            def any(self, flag):
+                votes.append(bool(flag))
+                return flag
+
+        trainer.dist = Dist()
+    with pytest.raises(CLIError) as e:
+        trainer.train_step(2)
+    assert str(e.value) == "the loss became nan at step 3; try a lower --lr"
+    assert votes == ([True] if ranks == 2 else [])  # every rank stops together
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("clip, calls", [("0", []), ("0.5", [0.5]), ("2", [2.0])])
+def test_gradient_clipping_only_when_asked(corpus, monkeypatch, clip, calls):
+    seen = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: seen.append(max_norm) or real(params, max_norm))
+    trainer = train_mod.Trainer(_resolve(*TINY, "--data", str(corpus), "--steps", "4", "--grad-clip", clip), None, None,
+                                progress=False)
+    trainer.train_step(0)
+    assert seen == calls  # 0 turns clipping off
+
+
+def test_compile_wraps_the_model_for_the_steps(corpus):
+    a = _resolve(*TINY, "--data", str(corpus), "--steps", "4", "--compile")
+    trainer = train_mod.Trainer(a, None, None, progress=False)
+    assert trainer.forward is not trainer.model and trainer.forward._orig_mod is trainer.model  # compiled lazily
+    plain = train_mod.Trainer(_resolve(*TINY, "--data", str(corpus), "--steps", "4"), None, None, progress=False)
+    assert plain.forward is plain.model
