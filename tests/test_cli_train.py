@@ -1172,3 +1172,17 @@ def test_compile_wraps_the_model_for_the_steps(corpus):
     assert trainer.forward is not trainer.model and trainer.forward._orig_mod is trainer.model  # compiled lazily
     plain = train_mod.Trainer(_resolve(*TINY, "--data", str(corpus), "--steps", "4"), None, None, progress=False)
     assert plain.forward is plain.model
+
+
+def test_an_existing_run_directory_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    from dsmoe.cli import main
+
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "notes.txt").write_text("mine")
+    built = []
+    monkeypatch.setattr(train_mod, "Trainer", lambda *a, **kw: built.append(a))
+    assert main(["train", "--preset", "tiny", "--steps", "2", "--out", str(tmp_path / "r"),
+                 "--data", str(tmp_path / "missing.txt")]) == 2
+    assert capsys.readouterr().err == (f"dsmoe: error: run directory {tmp_path / 'r'} already exists and is not empty; "
+                                       "choose another --out, pass --overwrite to replace it, or --resume to continue it\n")
+    assert built == [] and (tmp_path / "r" / "notes.txt").read_text() == "mine"  # no data read, no model built
