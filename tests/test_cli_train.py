@@ -838,12 +838,13 @@ def test_a_signal_mid_run_saves_and_says_how_to_continue(tmp_path, corpus, monke
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_a_signal_during_the_final_evaluation_stops_after_the_final_save(tmp_path, corpus, monkeypatch):
-    _signal_during(monkeypatch, "evaluate", signal.SIGTERM, lambda trainer, args: trainer.step == 3)
+@pytest.mark.parametrize("sig, name, code", [(signal.SIGTERM, "SIGTERM", 143), (signal.SIGINT, "Ctrl-C", 130)])
+def test_a_signal_during_the_final_evaluation_stops_after_the_final_save(tmp_path, corpus, monkeypatch, sig, name, code):
+    _signal_during(monkeypatch, "evaluate", sig, lambda trainer, args: trainer.step == 3)
     run = tmp_path / "r"
     got, out = _train_quietly(*TINY, "--data", str(corpus), "--out", str(run), "--steps", "3", "--sample-tokens", "0")
-    assert got == 143
-    assert out.splitlines()[-1] == "stopped (SIGTERM) after the final save"
+    assert got == code
+    assert out.splitlines()[-1] == f"stopped ({name}) after the final save"
     assert (run / "model.safetensors").is_file() and (run / "checkpoints" / "step-000003").is_dir()  # finished first
     assert [(r["step"], r["split"]) for r in _rows(run)][-1] == (3, "val")
 
