@@ -201,3 +201,41 @@ def test_readme_quick_start_literal_config_on_meta():
     assert logits.shape == (batch_size, seq_len, config.vocab_size)
     assert generated.shape == (batch_size, seq_len + 2)
     assert count_parameters(config)[0] == model.num_parameters()
+
+
+_SMALL = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, n_routed_experts=8, num_experts_per_tok=2)
+
+
+@pytest.mark.parametrize("factor", [1.0, 0.99, True, "2", None])
+def test_rope_scaling_factor_must_be_a_number_above_one(factor):
+    with pytest.raises(ValueError) as info:
+        DeepSeekMoEConfig(**_SMALL, rope_scaling={"type": "linear", "factor": factor})
+    assert str(info.value) == f"DeepSeekMoEConfig: rope_scaling factor must be a number > 1, got {factor!r}"
+
+
+def test_rope_scaling_factors_just_above_one_and_whole_numbers_are_taken():
+    for factor in (1.0001, 2, 4.0):
+        assert DeepSeekMoEConfig(**_SMALL, rope_scaling={"rope_type": "dynamic", "factor": factor}).rope_scaling["factor"] == factor
+
+
+@pytest.mark.parametrize("name, value", [
+    (name, value) for name in ("pad_token_id", "bos_token_id", "eos_token_id")
+    for value in (-1, True, "3", 2.0, [1, -2], [1, "x"])
+    if not (name == "pad_token_id" and isinstance(value, list))  # (pad: one id only, below)
+])
+def test_special_token_ids_must_be_non_negative_integers(name, value):
+    with pytest.raises(ValueError) as info:
+        DeepSeekMoEConfig(**_SMALL, **{name: value})
+    assert str(info.value) == f"DeepSeekMoEConfig: {name} must be a non-negative integer or null, got {value!r}"
+
+
+def test_special_token_ids_that_are_taken():
+    # id 0 is a token like any other; bos / eos may list several ids (transformers' generation
+    # stops at any of them); each is checked after a null one before it
+    config = DeepSeekMoEConfig(**_SMALL, pad_token_id=0, bos_token_id=0, eos_token_id=[0, 5])
+    assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (0, 0, [0, 5])
+    with pytest.raises(ValueError, match=r"^DeepSeekMoEConfig: bos_token_id must be a non-negative integer or null, got -1$"):
+        DeepSeekMoEConfig(**_SMALL, pad_token_id=None, bos_token_id=-1)
+    with pytest.raises(ValueError) as info:
+        DeepSeekMoEConfig(**_SMALL, pad_token_id=[1, 2])
+    assert str(info.value) == "DeepSeekMoEConfig: pad_token_id must be one integer or null, got [1, 2]"
